@@ -1,0 +1,90 @@
+"""`nlrw <stage> [CONFIG] [key=value ...]`: every stage of the pipeline, and `run` for all of them.
+
+Bad input (UserError) prints one line, `nlrw: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nlrw_jax.errors import UserError
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+def _load(args):
+    from nlrw_jax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_pretrain(args) -> int:
+    from nlrw_jax.models.pretrain import pretrain
+
+    summary = pretrain(_load(args))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Held-out next-token cross-entropy of the subject model, next to the unigram baseline."""
+    from nlrw_jax.models.evaluate import evaluate_subject
+
+    result = evaluate_subject(_load(args))
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Every stage that exists, in order, each skipping work already done in the run folder."""
+    return cmd_eval(args)
+
+
+def cmd_corpus(args) -> int:
+    from nlrw_jax.data.corpus import main as corpus_main
+
+    return corpus_main(["build", "--out", args.out, "--vocab-size", str(args.vocab_size)])
+
+
+STAGES = {
+    "run": (cmd_run, "run the whole pipeline on a config (the embedded default: configs/tiny.yaml)"),
+    "eval": (cmd_eval, "held-out cross-entropy of the subject model vs a unigram baseline"),
+    "pretrain": (cmd_pretrain, "train a GPT-NeoX language model from scratch (the tiny offline Pythia)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlrw", description="Partially rewrite a transformer in natural language.")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (fn, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.ctx_len=128")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("corpus", help="rebuild the offline English corpus and its BPE tokenizer (needs apt packages)")
+    p.add_argument("--out", default="assets/corpus")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.set_defaults(fn=cmd_corpus)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `nlrw run key=value` with the default config
+        args.config = DEFAULT_CONFIG
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"nlrw: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nlrw: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

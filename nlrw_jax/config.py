@@ -1,0 +1,188 @@
+"""Typed configs: dataclasses loaded from configs/*.yaml, with `key=value` overrides.
+
+Every key is checked: an unknown key or a value of the wrong type is a one-line UserError
+that names the key. Relative paths are relative to the directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nlrw_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class ArchConfig:
+    """Shape of a GPT-NeoX model trained from scratch (names as in transformers' GPTNeoXConfig)."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    use_parallel_residual: bool = True
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The subject model: a local HF folder or a hub name (with revision)."""
+
+    checkpoint: str = "assets/tiny-pythia/final"
+    revision: str | None = None
+    dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
+    layer: int = 3  # the layer whose MLP is transcoded / rewritten
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Token windows: sources are paths/globs (.txt, .jsonl[.xz], .parquet) or hf:NAME[:CONFIG]:SPLIT."""
+
+    train: list[str] = dataclasses.field(default_factory=lambda: ["assets/corpus/train.jsonl.xz"])
+    validation: list[str] = dataclasses.field(default_factory=lambda: ["assets/corpus/val.jsonl.xz"])
+    tokenizer: str = "assets/corpus/tokenizer.json"
+    text_field: str = "text"
+    ctx_len: int = 256
+    seed: int = 0
+    cache_dir: str = ".cache/tokens"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh ('data', 'model'); -1 means all the devices left over."""
+
+    data: int = -1
+    model: int = 1
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Language-model pretraining (the tiny offline Pythia)."""
+
+    arch: ArchConfig = dataclasses.field(default_factory=ArchConfig)
+    out_dir: str = "assets/tiny-pythia"
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    min_learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Exported in HF format at these fractions of training (the paper compares against
+    # checkpoints trained on a fraction of the data); the final model goes to out_dir/final.
+    export_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25, 0.5])
+    export_dtype: str = "bfloat16"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 200
+    eval_windows: int = 256
+    log_every: int = 20
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation of the subject model."""
+
+    windows: int = 256
+    batch_size: int = 16
+
+
+@dataclasses.dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {p} does not exist") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value else ""
+    return _build(Config, raw, prefix="")
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config key {prefix.rstrip('.') or '(root)'} must be a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise UserError(f"unknown config key {prefix}{key}; known keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `data.train=file.txt` on the command line means a one-item list
+        if not isinstance(value, list):
+            _type_error(key, tp, value)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        _type_error(key, tp, value)
+    if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        _type_error(key, tp, value)
+    return value
+
+
+def _type_error(key: str, tp, value):
+    name = getattr(tp, "__name__", str(tp))
+    raise UserError(f"config key {key} expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section) -> str:
+    """Stable hash of a config section, stored in stage manifests to detect mismatches."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(section), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,204 @@
+"""`nlrw pretrain`: train a GPT-NeoX language model from scratch (the tiny offline Pythia).
+
+optax AdamW with warm-up + cosine decay and gradient clipping; grain windows; orbax
+checkpoints of parameters, optimiser, step and data-iterator position, so a killed run
+resumes exactly. HF-format exports at fractions of training (`export_fractions`) and at
+the end, each with its held-out cross-entropy in `checkpoints.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from nlrw_jax.config import Config, config_hash
+from nlrw_jax.data import tokens as token_data
+from nlrw_jax.data.tokenizer import load_tokenizer
+from nlrw_jax.errors import UserError
+from nlrw_jax.models import hf
+from nlrw_jax.models.evaluate import mean_cross_entropy, unigram_cross_entropy
+from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params, token_cross_entropy
+from nlrw_jax.parallel import global_batch, make_mesh, replicated
+
+
+def token_caches(cfg: Config, tokenizer) -> tuple[Path, Path]:
+    """Tokenized train/validation caches (built once, reused while sources and tokenizer agree)."""
+    root = Path(cfg.data.cache_dir)
+    train = token_data.tokenize_to_cache(cfg.data.train, tokenizer, root / "train", text_field=cfg.data.text_field)
+    val = token_data.tokenize_to_cache(cfg.data.validation, tokenizer, root / "validation", text_field=cfg.data.text_field)
+    return train, val
+
+
+def _optimizer(p) -> optax.GradientTransformation:
+    if not 0 <= p.warmup_steps < p.steps:
+        raise UserError(f"pretrain.warmup_steps {p.warmup_steps} must be in [0, pretrain.steps={p.steps})")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, p.learning_rate, p.warmup_steps, p.steps, p.min_learning_rate)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on biases / norms
+    return optax.chain(optax.clip_by_global_norm(p.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=p.weight_decay, mask=decay_mask))
+
+
+def _export_steps(p) -> dict[int, str]:
+    steps = {max(1, round(f * p.steps)): f"step{max(1, round(f * p.steps))}" for f in p.export_fractions}
+    steps[p.steps] = "final"
+    return steps
+
+
+def pretrain(cfg: Config, progress: bool = True) -> dict:
+    p = cfg.pretrain
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.get_vocab_size() > p.arch.vocab_size:
+        raise UserError(f"pretrain.arch.vocab_size {p.arch.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.get_vocab_size()} tokens ({cfg.data.tokenizer})")
+    if cfg.data.ctx_len > p.arch.max_position_embeddings:
+        raise UserError(f"data.ctx_len {cfg.data.ctx_len} is longer than pretrain.arch.max_position_embeddings "
+                        f"{p.arch.max_position_embeddings}")
+    model_cfg = GPTNeoXConfig(**dataclasses.asdict(p.arch))
+    model = GPTNeoX(model_cfg)
+    train_cache, val_cache = token_caches(cfg, tokenizer)
+    val_windows = token_data.validation_windows(val_cache, cfg.data.ctx_len,
+                                                min(p.eval_windows, _window_count(val_cache, cfg.data.ctx_len)))
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if p.batch_size % (mesh.shape["data"]) or p.batch_size % n_proc:
+        raise UserError(f"pretrain.batch_size {p.batch_size} must divide over {mesh.shape['data']} data shards "
+                        f"and {n_proc} processes")
+    dataset = token_data.window_dataset(train_cache, cfg.data.ctx_len, seed=p.seed, batch_size=p.batch_size // n_proc,
+                                        process_index=proc, process_count=n_proc)
+    data_iter = token_data.window_iterator(dataset)
+
+    optimizer = _optimizer(p)
+    param_shardings = jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, hf.default_sharding_rule(tuple(k.key for k in path), x.shape)),
+        jax.eval_shape(lambda: init_params(model_cfg, p.seed)))
+
+    @jax.jit
+    def init_state():
+        params = jax.lax.with_sharding_constraint(init_params(model_cfg, p.seed), param_shardings)
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply({"params": params}, batch)
+        return token_cross_entropy(logits, batch).mean()
+
+    @jax.jit
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {
+            "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    run_dir = Path(cfg.run_dir).absolute() / "pretrain"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_manifest(run_dir, cfg)
+    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=p.keep_checkpoints, save_interval_steps=p.checkpoint_every))
+    state = init_state()
+    start = manager.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        try:
+            restored = manager.restore(start, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=token_data.GrainCheckpointRestore(data_iter)))
+        except Exception as e:
+            raise UserError(f"checkpoint {run_dir / 'checkpoints' / str(start)} could not be restored: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        state = restored["state"]
+    start = start or 0
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+
+    out_dir = Path(p.out_dir)
+    exports = _export_steps(p)
+    tokens_per_step = p.batch_size * cfg.data.ctx_len
+    bar = tqdm(total=p.steps * tokens_per_step, initial=start * tokens_per_step, desc="pretrain", unit="tok",
+               unit_scale=True, disable=not progress or proc != 0)
+    t0, last_step = time.perf_counter(), start
+    for step in range(start + 1, p.steps + 1):
+        batch = global_batch(mesh, next(data_iter))
+        state, metrics = train_step(state, batch)
+        bar.update(tokens_per_step)
+        if step % p.log_every == 0 or step == p.steps:
+            loss = float(metrics["loss"])
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                      "tokens": step * tokens_per_step, "tokens_per_s": (step - last_step) * tokens_per_step / dt}
+            t0, last_step = time.perf_counter(), step
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if step % p.eval_every == 0 or step == p.steps:
+                record["val_ce"] = mean_cross_entropy(model, state["params"], val_windows, progress=False)
+            if proc == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if step in exports and proc == 0:
+            _export(model, model_cfg, state["params"], out_dir / exports[step], cfg, step, tokens_per_step,
+                    val_windows, p)
+        manager.save(step, force=step == p.steps, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=token_data.GrainCheckpointSave(data_iter)))
+    manager.wait_until_finished()
+    bar.close()
+
+    summary = json.loads((out_dir / "checkpoints.json").read_text())
+    train_tokens = np.load(train_cache, mmap_mode="r")
+    summary["unigram_val_ce"] = unigram_cross_entropy(train_tokens, val_windows, model_cfg.vocab_size)
+    _write_json(out_dir / "checkpoints.json", summary)
+    return summary
+
+
+def _window_count(cache: Path, ctx_len: int) -> int:
+    return len(np.load(cache, mmap_mode="r")) // ctx_len
+
+
+def _export(model, model_cfg, params, folder: Path, cfg: Config, step, tokens_per_step, val_windows, p):
+    """Writes the HF folder, then records it (step, tokens, fraction, val CE) in checkpoints.json."""
+    hf.save(model_cfg, params, folder, dtype=p.export_dtype, tokenizer_file=cfg.data.tokenizer)
+    # Evaluate what was written (the export dtype), not the fp32 training copy.
+    _, saved = hf.load(folder)
+    val_ce = mean_cross_entropy(model, saved, val_windows, progress=False)
+    index_path = folder.parent / "checkpoints.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"checkpoints": {}}
+    index["checkpoints"][folder.name] = {"step": step, "tokens": step * tokens_per_step,
+                                         "fraction": step / p.steps, "val_ce": val_ce}
+    index["config_hash"] = config_hash(p)
+    index["ctx_len"] = cfg.data.ctx_len
+    _write_json(index_path, index)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_run_manifest(run_dir: Path, cfg: Config) -> None:
+    """A run folder belongs to one pretraining config: resuming with another is an error, not a mix."""
+    manifest = {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)}
+    path = run_dir / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            raise UserError(f"{path}: this run folder was made with another pretrain/data config; "
+                            f"use a new run_dir or delete it")
+    else:
+        _write_json(path, manifest)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops log lines past the restored step, so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
