@@ -101,6 +101,41 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class CaptureConfig:
+    """Activations of model.layer written to the activation store (run_dir/activations)."""
+
+    windows: int = 1024  # training windows (ctx_len tokens each) to capture
+    batch_size: int = 16
+    chunk_windows: int = 16  # windows per store chunk: the unit of resumption
+    dtype: str = "float32"  # store dtype: float32 or bfloat16
+
+
+@dataclasses.dataclass
+class SparseConfig:
+    """TopK transcoder (MLP in -> MLP out, with skip connection) or SAE (residual stream)."""
+
+    kind: str = "transcoder"  # transcoder | sae
+    num_latents: int = 4096
+    k: int = 32
+    skip: bool = True
+    source: str = "store"  # store: read run_dir/activations; on_the_fly: from the model's forward
+    batch_tokens: int = 4096
+    steps: int = 1000
+    learning_rate: float | None = None  # None: sparsify's 2e-4 / sqrt(num_latents / 2**14)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    auxk_alpha: float = 0.0
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    compute_dtype: str = "float32"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    eval_every: int = 250
+    eval_windows: int = 32
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -108,6 +143,8 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
+    sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -446,3 +446,17 @@ def validation_windows(token_file: str | os.PathLike, ctx_len: int, n: int) -> n
     if not 0 < n <= available:
         raise UserError(f"asked for {n} validation windows but {path} has {available} of {ctx_len} tokens")
     return np.asarray(tokens[: n * ctx_len], dtype=np.int32).reshape(n, ctx_len)
+
+
+def token_caches(data_cfg, tokenizer) -> tuple[Path, Path]:
+    """The train and validation caches of a `DataConfig` (built once, reused while sources and tokenizer agree)."""
+    root = Path(data_cfg.cache_dir)
+    train = tokenize_to_cache(data_cfg.train, tokenizer, root / "train", text_field=data_cfg.text_field)
+    val = tokenize_to_cache(data_cfg.validation, tokenizer, root / "validation", text_field=data_cfg.text_field)
+    return train, val
+
+
+def subject_tokenizer_path(checkpoint_folder: Path, fallback: str) -> Path:
+    """The subject model's own tokenizer.json when its folder has one (HF checkpoints do), else `fallback`."""
+    own = Path(checkpoint_folder) / "tokenizer.json"
+    return own if own.exists() else Path(fallback)

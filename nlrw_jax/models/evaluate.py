@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nlrw_jax.models.gpt_neox import GPTNeoX, token_cross_entropy
+from nlrw_jax.config import config_hash
+from nlrw_jax.data import tokens as token_data
+from nlrw_jax.data.tokenizer import load_tokenizer
+from nlrw_jax.errors import UserError
+from nlrw_jax.io import write_json
+from nlrw_jax.models import hf
+from nlrw_jax.models.gpt_neox import DTYPES, GPTNeoX, token_cross_entropy
 
 
 def make_ce_fn(model: GPTNeoX):
@@ -50,37 +59,28 @@ def unigram_cross_entropy(train_tokens: np.ndarray, windows: np.ndarray, vocab_s
     return float(-logp[windows[:, 1:]].mean())
 
 
+
 def evaluate_subject(cfg, progress: bool = True) -> dict:
     """`nlrw eval`: held-out CE of the subject model (and of the partially trained checkpoints
     listed next to it in checkpoints.json) against the unigram baseline; writes run_dir/eval.json."""
-    import json
-    import os
-    from pathlib import Path
-
-    from nlrw_jax.config import config_hash
-    from nlrw_jax.data import tokens as token_data
-    from nlrw_jax.data.tokenizer import load_tokenizer
-    from nlrw_jax.models import hf
-    from nlrw_jax.models.gpt_neox import DTYPES
-
     if cfg.model.dtype not in DTYPES:
-        raise_dtype(cfg.model.dtype)
+        raise UserError(f"config key model.dtype: {cfg.model.dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[cfg.model.dtype]
     folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
-    tok_path = folder / "tokenizer.json" if (folder / "tokenizer.json").exists() else Path(cfg.data.tokenizer)
-    tokenizer = load_tokenizer(tok_path)
-    root = Path(cfg.data.cache_dir)
-    train_cache = token_data.tokenize_to_cache(cfg.data.train, tokenizer, root / "train", text_field=cfg.data.text_field)
-    val_cache = token_data.tokenize_to_cache(cfg.data.validation, tokenizer, root / "validation",
-                                             text_field=cfg.data.text_field)
+    config = hf.read_config(folder)
+    if cfg.data.ctx_len > config.max_position_embeddings:
+        raise UserError(f"config key data.ctx_len: {cfg.data.ctx_len} is longer than max_position_embeddings "
+                        f"{config.max_position_embeddings} of {folder}")
+    tokenizer = load_tokenizer(token_data.subject_tokenizer_path(folder, cfg.data.tokenizer))
+    train_cache, val_cache = token_data.token_caches(cfg.data, tokenizer)
     available = len(np.load(val_cache, mmap_mode="r")) // cfg.data.ctx_len
     windows = token_data.validation_windows(val_cache, cfg.data.ctx_len, min(cfg.eval.windows, available))
 
     def ce_of(path) -> float:
-        config, params = hf.load(path, dtype=DTYPES[cfg.model.dtype])
-        return mean_cross_entropy(GPTNeoX(config, dtype=DTYPES[cfg.model.dtype]), params, windows,
-                                  cfg.eval.batch_size, progress, desc=f"eval {Path(path).name}")
+        config, params = hf.load(path, dtype=dtype)
+        return mean_cross_entropy(GPTNeoX(config, dtype=dtype), params, windows, cfg.eval.batch_size, progress,
+                                  desc=f"eval {Path(path).name}")
 
-    config = hf.read_config(folder)
     result = {"model": str(cfg.model.checkpoint), "dtype": cfg.model.dtype, "windows": len(windows),
               "ctx_len": cfg.data.ctx_len, "val_ce": ce_of(folder),
               "unigram_val_ce": unigram_cross_entropy(np.load(train_cache, mmap_mode="r"), windows, config.vocab_size),
@@ -91,16 +91,6 @@ def evaluate_subject(cfg, progress: bool = True) -> dict:
         result["checkpoints"] = {name: {**entry, "val_ce": ce_of(folder.parent / name)}
                                  for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["step"])
                                  if name != folder.name and (folder.parent / name).is_dir()}
-    out = Path(cfg.run_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.run_dir) / "eval.json", result)
     return result
-
-
-def raise_dtype(name: str):
-    from nlrw_jax.errors import UserError
-    from nlrw_jax.models.gpt_neox import DTYPES
-
-    raise UserError(f"config key model.dtype: {name!r} is not one of {sorted(DTYPES)}")

@@ -9,6 +9,8 @@ pipeline, both as plain call arguments rather than hooks with hidden state:
 * `mlp_replacements`: {layer: fn}. `fn(mlp_in, original_mlp) -> mlp_out` replaces that
   layer's MLP; `original_mlp` computes the real MLP, so a replacement can patch only some
   positions. This is how transcoders and simulated latents plug in.
+* `resid_replacements`: {layer: fn(resid_post) -> resid_post} replaces the layer's output
+  (a residual-stream SAE spliced in after the layer).
 """
 
 from __future__ import annotations
@@ -227,6 +229,7 @@ class GPTNeoX(nn.Module):
         *,
         capture: Iterable[tuple[int, str]] = (),
         mlp_replacements: Mapping[int, MlpReplacement] | None = None,
+        resid_replacements: Mapping[int, Callable[[jax.Array], jax.Array]] | None = None,
         last_layer: int | None = None,
     ):
         """`last_layer` stops after that layer (no logits: None), for activation capture."""
@@ -239,7 +242,7 @@ class GPTNeoX(nn.Module):
             if name not in CAPTURE_NAMES:
                 raise UserError(f"unknown capture point {name!r}; expected one of {CAPTURE_NAMES}")
             _check_layer(layer, c)
-        for layer in (mlp_replacements or {}):
+        for layer in [*(mlp_replacements or {}), *(resid_replacements or {})]:
             _check_layer(layer, c)
         if last_layer is not None:
             _check_layer(last_layer, c)
@@ -257,6 +260,8 @@ class GPTNeoX(nn.Module):
         for i in range(n_layers):
             replacement = (mlp_replacements or {}).get(i)
             x, points = Layer(c, self.dtype, name=f"layers_{i}")(x, cos, sin, mask, replacement)
+            if i in (resid_replacements or {}):
+                x = resid_replacements[i](x).astype(self.dtype)
             captured.update({(i, n): points[n] for n in CAPTURE_NAMES if (i, n) in capture})
         if last_layer is not None:
             return None, captured

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,18 +25,11 @@ from nlrw_jax.config import Config, config_hash
 from nlrw_jax.data import tokens as token_data
 from nlrw_jax.data.tokenizer import load_tokenizer
 from nlrw_jax.errors import UserError
+from nlrw_jax.io import truncate_jsonl, write_json
 from nlrw_jax.models import hf
 from nlrw_jax.models.evaluate import mean_cross_entropy, unigram_cross_entropy
 from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params, token_cross_entropy
-from nlrw_jax.parallel import global_batch, make_mesh, replicated
-
-
-def token_caches(cfg: Config, tokenizer) -> tuple[Path, Path]:
-    """Tokenized train/validation caches (built once, reused while sources and tokenizer agree)."""
-    root = Path(cfg.data.cache_dir)
-    train = token_data.tokenize_to_cache(cfg.data.train, tokenizer, root / "train", text_field=cfg.data.text_field)
-    val = token_data.tokenize_to_cache(cfg.data.validation, tokenizer, root / "validation", text_field=cfg.data.text_field)
-    return train, val
+from nlrw_jax.parallel import global_batch, make_mesh
 
 
 def _optimizer(p) -> optax.GradientTransformation:
@@ -66,7 +58,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
                         f"{p.arch.max_position_embeddings}")
     model_cfg = GPTNeoXConfig(**dataclasses.asdict(p.arch))
     model = GPTNeoX(model_cfg)
-    train_cache, val_cache = token_caches(cfg, tokenizer)
+    train_cache, val_cache = token_data.token_caches(cfg.data, tokenizer)
     val_windows = token_data.validation_windows(val_cache, cfg.data.ctx_len,
                                                 min(p.eval_windows, _window_count(val_cache, cfg.data.ctx_len)))
 
@@ -119,7 +111,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         state = restored["state"]
     start = start or 0
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    truncate_jsonl(metrics_path, start)
 
     out_dir = Path(p.out_dir)
     exports = _export_steps(p)
@@ -154,7 +146,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     summary = json.loads((out_dir / "checkpoints.json").read_text())
     train_tokens = np.load(train_cache, mmap_mode="r")
     summary["unigram_val_ce"] = unigram_cross_entropy(train_tokens, val_windows, model_cfg.vocab_size)
-    _write_json(out_dir / "checkpoints.json", summary)
+    write_json(out_dir / "checkpoints.json", summary)
     return summary
 
 
@@ -174,13 +166,8 @@ def _export(model, model_cfg, params, folder: Path, cfg: Config, step, tokens_pe
                                          "fraction": step / p.steps, "val_ce": val_ce}
     index["config_hash"] = config_hash(p)
     index["ctx_len"] = cfg.data.ctx_len
-    _write_json(index_path, index)
+    write_json(index_path, index)
 
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _check_run_manifest(run_dir: Path, cfg: Config) -> None:
@@ -193,12 +180,4 @@ def _check_run_manifest(run_dir: Path, cfg: Config) -> None:
             raise UserError(f"{path}: this run folder was made with another pretrain/data config; "
                             f"use a new run_dir or delete it")
     else:
-        _write_json(path, manifest)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops log lines past the restored step, so a resumed run's log has each step once."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+        write_json(path, manifest)

@@ -1,0 +1,66 @@
+"""`nlrw pretrain`: a real subprocess killed with SIGKILL mid-run resumes to bitwise the same model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = [
+    "data.train=assets/corpus/val.jsonl.xz", "data.validation=assets/corpus/val.jsonl.xz", "data.ctx_len=64",
+    "pretrain.arch.hidden_size=32", "pretrain.arch.num_hidden_layers=2", "pretrain.arch.num_attention_heads=2",
+    "pretrain.arch.intermediate_size=64", "pretrain.arch.max_position_embeddings=64",
+    "pretrain.steps=12", "pretrain.batch_size=4", "pretrain.warmup_steps=2", "pretrain.checkpoint_every=3",
+    "pretrain.eval_every=6", "pretrain.log_every=3", "pretrain.eval_windows=8", "pretrain.export_fractions=[0.5]",
+    "pretrain.export_dtype=float32",
+]
+
+
+def pretrain_cmd(tmp_path, name):
+    return [sys.executable, "-m", "nlrw_jax.cli", "pretrain", "configs/tiny-lm.yaml", *MICRO,
+            f"run_dir={tmp_path / name}", f"pretrain.out_dir={tmp_path / name / 'model'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.mark.slow
+def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: batch 4 needs no split
+    subprocess.run(pretrain_cmd(tmp_path, "straight"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(pretrain_cmd(tmp_path, "killed"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "pretrain" / "checkpoints" / "6"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model" / "final").exists(), "the run finished before it could be killed"
+    subprocess.run(pretrain_cmd(tmp_path, "killed"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    for folder in ("step6", "final"):
+        a = (tmp_path / "straight" / "model" / folder / "model.safetensors").read_bytes()
+        b = (tmp_path / "killed" / "model" / folder / "model.safetensors").read_bytes()
+        assert a == b, f"{folder} differs after kill + resume"
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) == [3, 6, 9, 12]
+    index = json.loads((tmp_path / "killed" / "model" / "checkpoints.json").read_text())
+    assert set(index["checkpoints"]) == {"step6", "final"}
+    assert index["checkpoints"]["final"]["val_ce"] < index["unigram_val_ce"] + 2.0
+
+
+def test_pretrain_rejects_other_config_in_same_run_dir(tmp_path):
+    from nlrw_jax.config import load_config
+    from nlrw_jax.errors import UserError
+    from nlrw_jax.models.pretrain import _check_run_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _check_run_manifest(run, load_config(REPO / "configs" / "tiny-lm.yaml"))
+    with pytest.raises(UserError, match="another pretrain/data config"):
+        _check_run_manifest(run, load_config(REPO / "configs" / "tiny-lm.yaml", ["pretrain.steps=7"]))
