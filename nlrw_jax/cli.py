@@ -38,9 +38,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_capture(args) -> int:
+    from nlrw_jax.data.activations import capture_from_config
+
+    print(capture_from_config(_load(args)))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from nlrw_jax.sparse.train import train
+
+    print(json.dumps(train(_load(args)), indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_run(args) -> int:
     """Every stage that exists, in order, each skipping work already done in the run folder."""
-    return cmd_eval(args)
+    cfg = _load(args)
+    from nlrw_jax.data.activations import capture_from_config
+    from nlrw_jax.models.evaluate import evaluate_subject
+    from nlrw_jax.sparse.train import train
+
+    evaluate_subject(cfg)
+    if cfg.sparse.source == "store":
+        capture_from_config(cfg)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
 
 
 def cmd_corpus(args) -> int:
@@ -52,6 +76,8 @@ def cmd_corpus(args) -> int:
 STAGES = {
     "run": (cmd_run, "run the whole pipeline on a config (the embedded default: configs/tiny.yaml)"),
     "eval": (cmd_eval, "held-out cross-entropy of the subject model vs a unigram baseline"),
+    "capture": (cmd_capture, "write model.layer's activations (mlp_in/mlp_out or residual) to the activation store"),
+    "train": (cmd_train, "train the TopK transcoder / SAE (sharded), spliced evaluation, sparsify-format export"),
     "pretrain": (cmd_pretrain, "train a GPT-NeoX language model from scratch (the tiny offline Pythia)"),
 }
 

@@ -110,8 +110,8 @@ def _local_topk(vals, k: int, axis_name):
         return v, i
     i = i + lax.axis_index(axis_name) * n_local
     # Only k values + indices per shard travel, in shard order (keeps lax.top_k's ties).
-    v = lax.all_gather(v, axis_name, axis=1, tiled=True, to="invariant")
-    i = lax.all_gather(i, axis_name, axis=1, tiled=True, to="invariant")
+    v = lax.all_gather(v, axis_name, axis=1, tiled=True, to="invarying")
+    i = lax.all_gather(i, axis_name, axis=1, tiled=True, to="invarying")
     v, j = lax.top_k(v, k)
     return v, jnp.take_along_axis(i, j, axis=1)
 
@@ -205,13 +205,15 @@ def _sparse_decode(W_dec, acts, idx, *, mesh=None, impl=None):
         raise UserError(f"decode impl must be one of {tuple(_DECODERS)}, got {impl!r}")
     fn = _DECODERS[impl]
     acts = acts.astype(W_dec.dtype)
-    if _model_size(mesh) == 1 and mesh is None:
+    if mesh is None:
         return fn(W_dec, acts, idx)
     _check_mesh(mesh, acts.shape[0], W_dec.shape[0])
 
     def body(W, a, i):
         # Each model shard decodes the latents it owns; partial sums are psum'd (T x d).
         li, mine = _rows_of(i, W.shape[0], "model")
+        # Mark W as varying over 'data' so a custom_vjp's local dW is psum'd over 'data'.
+        W = lax.pcast(W, "data", to="varying")
         return lax.psum(fn(W, jnp.where(mine, a, 0), li), "model")
 
     return jax.shard_map(

@@ -196,7 +196,10 @@ def _store_batches(cfg: Config, store_path: Path, start_step: int):
     s = cfg.sparse
     in_pt, out_pt = points_for(s.kind)
     store = open_store(store_path)
-    for batch in store.batches((in_pt, out_pt), s.batch_tokens, seed=s.seed, start_batch=start_step):
+    if store.manifest["layer"] != cfg.model.layer or not {in_pt, out_pt} <= set(store.points):
+        raise UserError(f"activation store {store_path} holds {store.points} of layer {store.manifest['layer']}, "
+                        f"but training needs {sorted({in_pt, out_pt})} of layer {cfg.model.layer}")
+    for batch in store.batches(sorted({in_pt, out_pt}), s.batch_tokens, seed=s.seed, start_batch=start_step):
         yield batch[in_pt], batch[out_pt]
 
 
