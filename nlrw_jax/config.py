@@ -117,7 +117,7 @@ class SparseConfig:
     kind: str = "transcoder"  # transcoder | sae
     num_latents: int = 4096
     k: int = 32
-    skip: bool = True
+    skip: bool | None = None  # skip connection x @ W_skip.T; None: on for a transcoder, off for an SAE
     source: str = "store"  # store: read run_dir/activations; on_the_fly: from the model's forward
     batch_tokens: int = 4096
     steps: int = 1000

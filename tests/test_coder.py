@@ -111,7 +111,7 @@ def test_sharded_topk_ties_match_lax_top_k(shape):
 def test_sharded_topk_does_not_gather_pre_acts():
     mesh = make_mesh(2, 4)
     hlo = jax.jit(lambda p, x: C.forward(p, x, K, mesh=mesh)["out"]).lower(_params(), _data()[0]).compile().as_text()
-    gathers = [l for l in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", l)]
+    gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", ln)]
     assert gathers, "expected the candidate all-gather"
     for line in gathers:
         dims = [int(d) for s in re.findall(r"\[([\d,]+)\]", line.split("=", 1)[1].split("all-gather")[0])
@@ -245,3 +245,15 @@ def test_user_errors():
         C.forward(p, x[:63], K, mesh=make_mesh(8, 1))
     with pytest.raises(UserError, match="impl"):
         C.decode(p, jnp.ones((T, K)), jnp.zeros((T, K), jnp.int32), impl="dense")
+
+
+def test_topk_gradient_ignores_relu_like_sparsify():
+    # sparsify's FusedEncoder backward sends d(top_acts) to every chosen latent's
+    # pre-activation, even one the ReLU zeroed (fewer than k positive latents).
+    p, (x, _) = _params(), _data()
+    p["b_enc"] = p["b_enc"] - 3.0  # almost everything negative
+    f = C.forward(p, x, K)
+    assert float((f["top_acts"] == 0).mean()) > 0.5
+    g = jax.grad(lambda b: jnp.sum(C.encode({**p, "b_enc": b}, x, K)[0]))(p["b_enc"])
+    counts = np.bincount(np.asarray(f["top_indices"]).ravel(), minlength=N)
+    np.testing.assert_allclose(np.asarray(g), counts, atol=1e-6)

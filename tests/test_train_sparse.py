@@ -39,7 +39,8 @@ def test_sharded_training_steps_match_single_device(shape):
 
     def run(mesh):
         t = Trainer(trainer_cfg(), 16, mesh=mesh)
-        state = t.init_state(jax.random.PRNGKey(0), jax.device_put(ys[0], t.batch_sharding))
+        state = t.init_state(jax.random.PRNGKey(0), jax.device_put(xs[0], t.batch_sharding),
+                             jax.device_put(ys[0], t.batch_sharding))
         for x, y in zip(xs, ys):
             state, metrics = t.train_step(state, jax.device_put(x, t.batch_sharding), jax.device_put(y, t.batch_sharding))
         return jax.device_get(state), jax.device_get(metrics)

@@ -91,7 +91,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {
-            "loss": loss, "grad_norm": optax.global_norm(grads)}
+            "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     run_dir = Path(cfg.run_dir).absolute() / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)

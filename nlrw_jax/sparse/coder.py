@@ -31,7 +31,9 @@ from nlrw_jax.errors import UserError
 
 KINDS = ("transcoder", "sae")
 # Sparse decode implementation: "gather" (autodiff of a gather + weighted sum) or "vjp"
-# (custom_vjp with a segment_sum backward). See benchmarks/sparse_decode.py.
+# (custom_vjp with a segment_sum backward). XLA compiles both to the same gather +
+# scatter-add and they time the same on CPU (benchmarks/sparse_decode.py), so the default
+# is the plain one.
 DECODE_IMPL = "gather"
 
 
@@ -87,10 +89,6 @@ def lr_for(num_latents: int) -> float:
 
 
 # ---------------------------------------------------------------------------- encode
-
-
-def _model_size(mesh) -> int:
-    return 1 if mesh is None else mesh.shape["model"]
 
 
 def _check_mesh(mesh, tokens: int, num_latents: int) -> None:
@@ -151,9 +149,8 @@ def encode(params: dict, x, k: int, *, kind: str = "transcoder", mesh=None):
         x = x - params["b_dec"]
     if mesh is None:
         return _encode_body(x, params["W_enc"], params["b_enc"], k, None)
-    body = lambda x, W, b: _encode_body(x, W, b, k, "model")
     return jax.shard_map(
-        body, mesh=mesh,
+        lambda x, W, b: _encode_body(x, W, b, k, "model"), mesh=mesh,
         in_specs=(P("data", None), P("model", None), P("model")),
         out_specs=(P("data", None), P("data", None), P("data", "model")),
     )(x, params["W_enc"], params["b_enc"])
@@ -251,7 +248,7 @@ def fvu(y_hat, y):
 
 def loss_fn(params: dict, x, y, k: int, *, kind: str = "transcoder", dead_mask=None,
             auxk_alpha: float = 0.0, mesh=None):
-    """-> (fvu + auxk_alpha * auxk, dict(fvu, auxk, top_indices)). jit-safe; dead_mask [n] bool."""
+    """-> (fvu + auxk_alpha * auxk, dict(fvu, auxk, top_acts, top_indices)). jit-safe; dead_mask [n] bool."""
     f = forward(params, x, k, kind=kind, mesh=mesh)
     y = y.astype(jnp.float32)
     e = y - f["out"].astype(jnp.float32)
@@ -270,7 +267,7 @@ def loss_fn(params: dict, x, y, k: int, *, kind: str = "transcoder", dead_mask=N
         e_hat = _sparse_decode(params["W_dec"], a_acts, a_idx, mesh=mesh).astype(jnp.float32)
         auxk = scale * jnp.sum((e_hat - lax.stop_gradient(e)) ** 2) / tv
     loss = l_fvu + auxk_alpha * auxk
-    return loss, dict(fvu=l_fvu, auxk=auxk, top_indices=f["top_indices"])
+    return loss, dict(fvu=l_fvu, auxk=auxk, top_acts=f["top_acts"], top_indices=f["top_indices"])
 
 
 # ---------------------------------------------------------------------------- SAE decoder norm

@@ -80,19 +80,20 @@ class Trainer:
                                   out_shardings=(self.state_shardings, rep), donate_argnums=0)
 
     def _init_params(self, key):
-        return coder.init_coder(key, self.d_model, self.s.num_latents, kind=self.s.kind, skip=self.s.skip)
+        skip = self.s.kind == "transcoder" if self.s.skip is None else self.s.skip
+        return coder.init_coder(key, self.d_model, self.s.num_latents, kind=self.s.kind, skip=skip)
 
-    def _init_state(self, seed_key, first_y):
+    def _init_state(self, seed_key, first_x, first_y):
         init_key, rng = jax.random.split(seed_key)
-        params = self._init_params(init_key)
-        # sparsify starts b_dec at the mean of the first batch's targets.
-        params["b_dec"] = first_y.astype(jnp.float32).mean(0)
+        # As sparsify's trainer: b_dec from the first batch's target mean (and b_enc for a transcoder).
+        params = coder.init_from_batch(self._init_params(init_key), first_x.astype(jnp.float32),
+                                       first_y.astype(jnp.float32), kind=self.s.kind)
         return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": rng, "since_fired": jnp.zeros((self.s.num_latents,), jnp.int32)}
 
     def _train_step(self, state, x, y):
         s = self.s
-        dead = state["since_fired"] >= s.dead_tokens
+        dead = state["since_fired"] > s.dead_tokens  # sparsify's rule
 
         def loss(params):
             cast = jax.tree.map(lambda p: p.astype(self.compute_dtype), params)
@@ -111,7 +112,7 @@ class Trainer:
         rng, _ = jax.random.split(state["rng"])
         out = {"loss": value, "fvu": metrics["fvu"], "auxk": metrics["auxk"],
                "l0": (metrics["top_acts"] > 0).sum(-1).mean(), "dead_fraction": dead.mean(),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng,
                 "since_fired": since}, out
 
@@ -239,7 +240,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if x.shape[-1] != lm_config.hidden_size:
         raise UserError(f"activation store {run_dir / 'activations'} has width {x.shape[-1]}, but the model's "
                         f"hidden size is {lm_config.hidden_size}")
-    state = trainer.init_state(jax.random.PRNGKey(s.seed), jax.device_put(y, trainer.batch_sharding))
+    state = trainer.init_state(jax.random.PRNGKey(s.seed), jax.device_put(x, trainer.batch_sharding),
+                               jax.device_put(y, trainer.batch_sharding))
     if start:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         try:
