@@ -77,7 +77,8 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=[
             "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*.json", "special_tokens_map.json"]))
     except Exception as e:  # network, auth, missing revision: one line naming the model
-        raise UserError(f"could not fetch {name_or_path} (revision {revision}) from the Hugging Face hub: "
+        raise UserError(f"no local folder {name_or_path}, and it could not be fetched (revision {revision}) from the "
+                        f"Hugging Face hub: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

@@ -98,7 +98,8 @@ class Trainer:
         def loss(params):
             cast = jax.tree.map(lambda p: p.astype(self.compute_dtype), params)
             return coder.loss_fn(cast, x.astype(self.compute_dtype), y.astype(self.compute_dtype), s.k, kind=s.kind,
-                                 dead_mask=dead, auxk_alpha=s.auxk_alpha, mesh=self.mesh)
+                                 dead_mask=dead if s.auxk_alpha else None,  # AuxK's top-k is costly: skip at 0
+                                 auxk_alpha=s.auxk_alpha, mesh=self.mesh)
 
         (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
         if s.kind == "sae":

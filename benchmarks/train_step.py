@@ -1,0 +1,214 @@
+"""Training-step throughput: our sharded TopK transcoder step vs eai-sparsify's SparseCoder + Adam.
+
+Ours is `nlrw_jax.sparse.train.Trainer.train_step` exactly as `nlrw train` runs it (jitted,
+donated state, explicit shardings over a ('data', 'model') mesh; Adam with sparsify's lr
+scaling, grad clipping, the dead-latent counters and the AuxK metric). Sparsify's side is
+what its trainer does per step for a transcoder with auxk_alpha = 0:
+
+    out = sc(x, y); out.fvu.backward(); opt.step(); opt.zero_grad()
+    + the did_fire / num_tokens_since_fired update (tiny next to the rest)
+
+with `SparseCoder(d_in, SparseCoderConfig(num_latents=n, k=k, transcode=True, skip_connection=True))`
+and `torch.optim.Adam(sc.parameters(), lr)`. sparsify's default optimizer is signum; we use
+Adam on both sides because that is the method's optimizer.
+
+Both start from the same parameters (ours, after sparsify's step-0 init from the batch,
+copied into the SparseCoder), train on the same fp32 batch (x random normal, y = x @ M +
+noise for a fixed random M), at a constant learning rate (sparse.warmup_steps=0,
+sparse.steps large). Before timing, the FVU of both sides' first two steps are compared
+(step 1 is exactly 1 on both; step 2 depends on one Adam step, which grad clipping does not
+change), so a side computing something else stops the script. Timed repeats are
+interleaved, alternating which side goes first; the figure is the median tokens/s.
+
+    python benchmarks/train_step.py --shape tiny
+    python benchmarks/train_step.py --shape pythia --tokens 4096 --iters 10 --warmup 2 --json runs/bench/train_step_pythia.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from nlrw_jax.config import load_config
+from nlrw_jax.sparse import coder
+from nlrw_jax.sparse.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (d_in, num_latents, k)
+    "tiny": (128, 4096, 32),
+    "pythia": (768, 32768, 32),
+}
+CHECK_STEPS = 2  # untimed steps on both sides whose FVUs are compared
+CHECK_RTOL = 1e-3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per training step")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2,
+                   help=f"untimed steps per side after the {CHECK_STEPS} checked ones (ours: after compile)")
+    p.add_argument("--mesh-data", type=int, default=-1, help="mesh.data (-1: all devices left over)")
+    p.add_argument("--mesh-model", type=int, default=1, help="mesh.model (latent shards)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="also write the results here")
+    args = p.parse_args()
+    command = (f"python benchmarks/train_step.py --shape {args.shape} --tokens {args.tokens} --iters {args.iters} "
+               f"--warmup {args.warmup} --mesh-data {args.mesh_data} --mesh-model {args.mesh_model} "
+               f"--seed {args.seed}" + (f" --json {args.json}" if args.json else ""))
+    d, n, k = SHAPES[args.shape]
+    T = args.tokens
+
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"WARNING: load average {load:.1f} before starting: another job is using the CPU, so these numbers "
+              f"are not trustworthy", file=sys.stderr)
+
+    from sparsify import SparseCoder, SparseCoderConfig  # prints a line about triton on CPU
+    import sparsify
+
+    # ------------------------------------------------------------------ data (shared)
+    rng = np.random.default_rng(args.seed)
+    x_np = rng.standard_normal((T, d), dtype=np.float32)
+    M = rng.standard_normal((d, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    y_np = (x_np @ M + np.float32(0.1) * rng.standard_normal((T, d), dtype=np.float32)).astype(np.float32)
+
+    # ------------------------------------------------------------------ ours
+    total_steps = CHECK_STEPS + args.warmup + args.iters
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"sparse.num_latents={n}", f"sparse.k={k}", f"sparse.batch_tokens={T}",
+        # Constant lr = sparsify's 2e-4 / sqrt(n / 2**14): no warm-up, decay over a horizon never reached.
+        f"sparse.steps={max(10**9, total_steps + 1)}", "sparse.warmup_steps=0",
+        f"mesh.data={args.mesh_data}", f"mesh.model={args.mesh_model}"])
+    s = cfg.sparse
+    trainer = Trainer(cfg, d)
+    mesh = trainer.mesh
+    mesh_desc = (f"data={mesh.shape['data']} x model={mesh.shape['model']} over {mesh.devices.size} "
+                 f"{jax.default_backend()} device(s) ({jax.devices()[0].device_kind})")
+    print(f"mesh: {mesh_desc}")
+    x_j = jax.device_put(x_np, trainer.batch_sharding)
+    y_j = jax.device_put(y_np, trainer.batch_sharding)
+    state = trainer.init_state(jax.random.PRNGKey(args.seed), x_j, y_j)
+    init = {name: np.array(v) for name, v in jax.device_get(state["params"]).items()}  # copies: state is donated
+
+    # ------------------------------------------------------------------ sparsify
+    lr = coder.lr_for(n)
+    assert s.learning_rate is None  # so ours uses lr_for(n) too
+    sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k, transcode=True, skip_connection=True), device="cpu")
+    with torch.no_grad():
+        sc.encoder.weight.copy_(torch.from_numpy(init["W_enc"]))
+        sc.encoder.bias.copy_(torch.from_numpy(init["b_enc"]))
+        sc.W_dec.copy_(torch.from_numpy(init["W_dec"]))
+        sc.b_dec.copy_(torch.from_numpy(init["b_dec"]))
+        sc.W_skip.copy_(torch.from_numpy(init["W_skip"]))
+    opt = torch.optim.Adam(sc.parameters(), lr=lr)
+    x_t, y_t = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    since_fired = torch.zeros(n, dtype=torch.long)
+    did_fire = torch.zeros(n, dtype=torch.bool)
+
+    box = {"state": state, "ours_fvu": None, "theirs_fvu": None}
+
+    def run_ours():
+        box["state"], m = trainer.train_step(box["state"], x_j, y_j)
+        jax.block_until_ready((box["state"], m))
+        box["ours_fvu"] = m["fvu"]
+
+    def run_sparsify():
+        out = sc(x_t, y_t)
+        did_fire[out.latent_indices.flatten()] = True
+        out.fvu.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            since_fired.add_(T)
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+        box["theirs_fvu"] = out.fvu.detach()
+
+    runners = {"ours": run_ours, "sparsify": run_sparsify}
+
+    # ------------------------------------------------------------------ check, warm up
+    t0 = time.perf_counter()
+    run_ours()
+    compile_s = time.perf_counter() - t0
+    check = {"ours": [float(box["ours_fvu"])], "sparsify": []}
+    run_sparsify()
+    check["sparsify"].append(float(box["theirs_fvu"]))
+    for _ in range(CHECK_STEPS - 1):
+        run_ours()
+        run_sparsify()
+        check["ours"].append(float(box["ours_fvu"]))
+        check["sparsify"].append(float(box["theirs_fvu"]))
+    for step, (a, b) in enumerate(zip(check["ours"], check["sparsify"]), 1):
+        if not abs(a - b) <= CHECK_RTOL * abs(b):
+            sys.exit(f"FVU disagrees at step {step}: ours {a:.6g} vs sparsify {b:.6g} (rtol {CHECK_RTOL}): "
+                     f"the two sides are not computing the same thing")
+    for _ in range(args.warmup):
+        run_ours()
+        run_sparsify()
+
+    # ------------------------------------------------------------------ timed, interleaved
+    times = {name: [] for name in runners}
+    names = list(runners)
+    for i in range(args.iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    final = {"ours": float(box["ours_fvu"]), "sparsify": float(box["theirs_fvu"])}
+
+    tok_s = {name: T / statistics.median(ts) for name, ts in times.items()}
+    ratio = tok_s["ours"] / tok_s["sparsify"]
+    machine = f"{platform.processor() or platform.machine()}, {threads} CPUs, jax on {jax.default_backend()}"
+    print(f"shape {args.shape}: d_in {d}, {n} latents, k {k}, {T} tokens/step, fp32, transcoder + skip; "
+          f"lr {lr:.3g} constant; {args.iters} interleaved timed steps after {CHECK_STEPS} checked + "
+          f"{args.warmup} warm-up; torch threads {threads}; torch {torch.__version__}, "
+          f"sparsify {getattr(sparsify, '__version__', '?')}, jax {jax.__version__}; load average at start {load:.1f}")
+    print(f"ours: compile + first step {compile_s:.2f} s")
+    print(f"FVU steps 1..{CHECK_STEPS}: ours {check['ours']}, sparsify {check['sparsify']} (agree within {CHECK_RTOL})")
+    print(f"FVU after {total_steps} steps on the same batch: ours {final['ours']:.4f}, sparsify {final['sparsify']:.4f}")
+    for name in runners:
+        ms = [1e3 * t for t in times[name]]
+        print(f"  {name:9s} {tok_s[name]:12,.0f} tok/s   median {statistics.median(ms):9.2f} ms/step "
+              f"(min {min(ms):.2f}, max {max(ms):.2f})")
+    print(f"  ours / sparsify: {ratio:.2f}x")
+
+    print("\n| shape | d_in | latents | k | tokens/step | ours tok/s | sparsify+Adam tok/s | ours/sparsify | mesh "
+          "| machine |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.shape} | {d} | {n} | {k} | {T} | {tok_s['ours']:,.0f} | {tok_s['sparsify']:,.0f} | {ratio:.2f} "
+          f"| {mesh.shape['data']}x{mesh.shape['model']} (data x model) | {machine} |")
+    print(f"\ncommand: {command}")
+
+    if args.json:
+        result = dict(command=command, shape=args.shape, d_in=d, num_latents=n, k=k, tokens_per_step=T,
+                      iters=args.iters, warmup=args.warmup, check_steps=CHECK_STEPS, dtype="float32",
+                      optimizer="adam (both sides; sparsify's default trainer optimizer is signum)",
+                      learning_rate=lr, grad_clip_ours=s.grad_clip,
+                      mesh=dict(data=mesh.shape["data"], model=mesh.shape["model"], description=mesh_desc),
+                      torch_threads=threads, jax_backend=jax.default_backend(),
+                      jax_device=jax.devices()[0].device_kind, machine=machine,
+                      versions=dict(jax=jax.__version__, torch=torch.__version__,
+                                    sparsify=getattr(sparsify, "__version__", None)),
+                      load_average_at_start=load, ours_compile_s=compile_s, fvu_check=check, fvu_final=final,
+                      tokens_per_s=tok_s, ratio_ours_over_sparsify=ratio, times_s=times)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
