@@ -110,6 +110,10 @@ def test_load_onto_mesh_shards_parameters(tmp_path):
     _, params = hf.load(tmp_path, mesh=mesh)
     qkv = params["layers_0"]["attention"]["query_key_value"]["kernel"]
     assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert len(qkv.addressable_shards) == len(jax.devices())
+    assert qkv.addressable_shards[0].data.shape[1] == qkv.shape[1] // len(jax.devices())
+    # vocab 97 does not divide over the devices: that axis stays whole instead of failing
+    assert params["embed_in"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, None)
     jax.tree.map(np.testing.assert_array_equal, ref, params)
 
 

@@ -63,6 +63,12 @@ def default_sharding_rule(path: tuple[str, ...], shape: tuple[int, ...]) -> P:
     return P()
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drops the mesh axis from any dimension it does not divide (e.g. a vocab of 50277 over 8)."""
+    axes = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*(a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+
+
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
     """A local folder, or a hub name downloaded (config, weights, tokenizer) at `revision`."""
     path = Path(name_or_path).expanduser()
@@ -190,7 +196,7 @@ def load(
 def _place(array: np.ndarray, np_dtype, mesh: Mesh | None, spec: P | None) -> jax.Array:
     if mesh is None:
         return jnp.asarray(array.astype(np_dtype, copy=False))
-    sharding = NamedSharding(mesh, spec)
+    sharding = NamedSharding(mesh, fit_spec(spec, array.shape, mesh))
     # Each device reads and converts only its own slice of the memory-mapped tensor.
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: np.asarray(array[idx], dtype=np_dtype))
 

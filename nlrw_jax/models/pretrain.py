@@ -73,7 +73,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
 
     optimizer = _optimizer(p)
     param_shardings = jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, hf.default_sharding_rule(tuple(k.key for k in path), x.shape)),
+        lambda path, x: NamedSharding(mesh, hf.fit_spec(hf.default_sharding_rule(tuple(k.key for k in path), x.shape),
+                                                         x.shape, mesh)),
         jax.eval_shape(lambda: init_params(model_cfg, p.seed)))
 
     @jax.jit
