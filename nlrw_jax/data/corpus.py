@@ -260,8 +260,8 @@ def write_jsonl_xz(docs: Iterable[Doc], path: str | Path) -> None:
                                ensure_ascii=False) + "\n")
 
 
-def read_records(path: str | Path) -> Iterator[Doc]:
-    """Yield the JSON objects of a `.jsonl.xz` or `.jsonl` corpus file."""
+def read_records(path: str | Path, text_field: str = "text") -> Iterator[Doc]:
+    """Yield the JSON objects of a `.jsonl.xz` or `.jsonl` file; each needs a string `text_field`."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"corpus file not found: {p}")
@@ -276,11 +276,11 @@ def read_records(path: str | Path) -> Iterator[Doc]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{p}:{lineno}: malformed JSON line ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise UserError(f'{p}:{lineno}: expected an object with a string "text" field')
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                    raise UserError(f"{p}:{lineno}: expected an object with a string {text_field!r} field")
                 yield rec
     except (lzma.LZMAError, EOFError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"{p}:{lineno + 1}: cannot read ({e})") from None
+        raise UserError(f"cannot read {p} (line {lineno + 1}): {e}") from None
 
 
 def read_documents(path: str | Path) -> Iterator[str]:

@@ -35,7 +35,6 @@ import glob
 import hashlib
 import io
 import json
-import lzma
 import os
 import shutil
 import uuid
@@ -96,19 +95,10 @@ def _resolve(spec: str) -> list[str]:
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    opener = lzma.open if path.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = row.get(text_field) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
-            yield text
+    from nlrw_jax.data.corpus import read_records
+
+    for record in read_records(path, text_field):
+        yield record[text_field]
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:
