@@ -16,7 +16,6 @@ fp32 store (model + TensorStore writes + markers), for the store's overhead.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -31,14 +30,8 @@ import transformers
 
 from nlrw_jax.data import activations
 from nlrw_jax.models import hf
-from nlrw_jax.models.gpt_neox import GPTNeoXConfig, init_params
+from common import MODEL_SHAPES, random_model_folder, setup_cpu
 
-SHAPES = {
-    "tiny": dict(vocab_size=8192, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                 intermediate_size=512, max_position_embeddings=256),
-    "pythia-160m": dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=2048),
-}
 POINTS = ("mlp_in", "mlp_out")
 
 
@@ -48,7 +41,7 @@ class _Stop(Exception):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="tiny")
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--windows", type=int, default=32, help="windows per timed pass")
     p.add_argument("--batch", type=int, default=8)
@@ -57,16 +50,10 @@ def main():
     args = p.parse_args()
     command = (f"python benchmarks/capture.py --model {args.model} --layer {args.layer} --windows {args.windows} "
                f"--batch {args.batch} --seq {args.seq} --iters {args.iters}")
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"WARNING: load average {load:.1f} before starting: another job is using the CPU; "
-              f"these numbers are not trustworthy", file=sys.stderr)
+    threads, load = setup_cpu()
 
     tmp = tempfile.mkdtemp(prefix="nlrw-capture-bench-")
-    config = GPTNeoXConfig(**SHAPES[args.model])
-    folder = hf.save(config, init_params(config, seed=0), Path(tmp) / args.model)
+    folder = random_model_folder(args.model, tmp)
     config, params = hf.load(folder)
     windows = np.random.default_rng(0).integers(0, config.vocab_size, (args.windows, args.seq)).astype(np.int32)
     batches = [windows[i:i + args.batch] for i in range(0, args.windows, args.batch)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -28,16 +27,11 @@ import torch
 import transformers
 
 from nlrw_jax.models import hf
-from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params
+from common import MODEL_SHAPES, random_model_folder, setup_cpu
+from nlrw_jax.models.gpt_neox import GPTNeoX
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FOLDER = REPO / "assets" / "tiny-pythia" / "final"
-SHAPES = {
-    "tiny": dict(vocab_size=8192, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                 intermediate_size=512, max_position_embeddings=256),
-    "pythia-160m": dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=2048),
-}
 # Gate on rms(diff) / rms(logits): rounding gives ~1e-6 (fp32) or ~1e-2 (bf16); a wrong
 # computation (mapping, rotary, mask) gives a sizeable fraction of 1.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
@@ -46,14 +40,12 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
 def model_folder(name: str, tmp: str) -> tuple[Path, str]:
     if name == "tiny" and TINY_FOLDER.is_dir():
         return TINY_FOLDER, "trained (assets/tiny-pythia/final)"
-    config = GPTNeoXConfig(**SHAPES[name], rotary_pct=0.25, use_parallel_residual=True)
-    hf.save(config, init_params(config, seed=0), Path(tmp) / name)
-    return Path(tmp) / name, "random init"
+    return random_model_folder(name, tmp), "random init"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--iters", type=int, default=20, help="timed repeats per implementation")
@@ -64,12 +56,7 @@ def main():
     command = (f"python benchmarks/forward.py --model {args.model} --batch {args.batch} --seq {args.seq} "
                f"--iters {args.iters} --warmup {args.warmup} --dtype {args.dtype}")
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"WARNING: load average {load:.1f} before starting: another job is using the CPU, so these numbers "
-              f"are not trustworthy (torch's {threads} OpenMP threads suffer most from contention)", file=sys.stderr)
+    threads, load = setup_cpu()
     tmp = tempfile.TemporaryDirectory(prefix="nlrw-bench-")
     folder, weights = model_folder(args.model, tmp.name)
 

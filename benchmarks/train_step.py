@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from common import setup_cpu
 
 from nlrw_jax.config import load_config
 from nlrw_jax.sparse import coder
@@ -70,12 +70,7 @@ def main():
     d, n, k = SHAPES[args.shape]
     T = args.tokens
 
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"WARNING: load average {load:.1f} before starting: another job is using the CPU, so these numbers "
-              f"are not trustworthy", file=sys.stderr)
+    threads, load = setup_cpu()
 
     from sparsify import SparseCoder, SparseCoderConfig  # prints a line about triton on CPU
     import sparsify

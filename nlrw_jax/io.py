@@ -21,3 +21,35 @@ def truncate_jsonl(path: Path, step: int) -> None:
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
+
+
+def claim_run_folder(folder: Path, sections: dict) -> None:
+    """A stage's run folder belongs to one config: resuming it with another is an error, not a mix.
+    `sections` maps config-section names to their hashes; the first run records them."""
+    from nlrw_jax.errors import UserError
+
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        write_json(path, sections)
+    elif json.loads(path.read_text()) != sections:
+        raise UserError(f"{path}: this run folder was made with another {'/'.join(sections)} config; "
+                        f"use a new run_dir or delete it")
+
+
+def restore_checkpoint(manager, step: int, args):
+    """orbax restore of `step`; a corrupt or partial checkpoint is a one-line error naming its folder."""
+    from nlrw_jax.errors import UserError
+
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"checkpoint {Path(manager.directory) / str(step)} could not be restored: "
+                        f"{type(e).__name__}: {first}") from None
+
+
+def abstract_like(tree):
+    """Shapes, dtypes and shardings of a pytree of arrays: the restore target for orbax."""
+    import jax
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

@@ -1,14 +1,11 @@
 """`nlrw pretrain`: a real subprocess killed with SIGKILL mid-run resumes to bitwise the same model."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import kill_when_then_rerun, run
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = [
@@ -29,19 +26,9 @@ def pretrain_cmd(tmp_path, name):
 
 @pytest.mark.slow
 def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: batch 4 needs no split
-    subprocess.run(pretrain_cmd(tmp_path, "straight"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-
-    proc = subprocess.Popen(pretrain_cmd(tmp_path, "killed"), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "pretrain" / "checkpoints" / "6"
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "model" / "final").exists(), "the run finished before it could be killed"
-    subprocess.run(pretrain_cmd(tmp_path, "killed"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    run(pretrain_cmd(tmp_path, "straight"))
+    kill_when_then_rerun(pretrain_cmd(tmp_path, "killed"), marker=tmp_path / "killed" / "pretrain" / "checkpoints" / "6",
+                         finished=tmp_path / "killed" / "model" / "final")
 
     for folder in ("step6", "final"):
         a = (tmp_path / "straight" / "model" / folder / "model.safetensors").read_bytes()
@@ -57,10 +44,16 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
 def test_pretrain_rejects_other_config_in_same_run_dir(tmp_path):
     from nlrw_jax.config import load_config
     from nlrw_jax.errors import UserError
-    from nlrw_jax.models.pretrain import _check_run_manifest
+    from nlrw_jax.config import config_hash
+    from nlrw_jax.io import claim_run_folder
 
     run = tmp_path / "run"
     run.mkdir()
-    _check_run_manifest(run, load_config(REPO / "configs" / "tiny-lm.yaml"))
+    def claim(*overrides):
+        cfg = load_config(REPO / "configs" / "tiny-lm.yaml", list(overrides))
+        claim_run_folder(run, {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)})
+
+    claim()
+    claim()  # the same config resumes
     with pytest.raises(UserError, match="another pretrain/data config"):
-        _check_run_manifest(run, load_config(REPO / "configs" / "tiny-lm.yaml", ["pretrain.steps=7"]))
+        claim("pretrain.steps=7")

@@ -2,16 +2,14 @@
 transcoder on the tiny Pythia's middle layer learns (FVU well below 1, most of the CE gap recovered)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from procs import ONE_DEVICE, kill_when_then_rerun, run
 
 from nlrw_jax.config import load_config
 from nlrw_jax.errors import UserError
@@ -79,18 +77,9 @@ def train_cmd(tmp_path, name, *extra):
 @pytest.mark.slow
 def test_training_killed_and_resumed_equals_uninterrupted(tmp_path):
     micro_model(tmp_path / "model")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    subprocess.run(train_cmd(tmp_path, "straight"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(train_cmd(tmp_path, "killed"), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "sparse" / "checkpoints" / "6"
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "sparse" / "summary.json").exists(), "finished before the kill"
-    subprocess.run(train_cmd(tmp_path, "killed"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    run(train_cmd(tmp_path, "straight"))
+    kill_when_then_rerun(train_cmd(tmp_path, "killed"), marker=tmp_path / "killed" / "sparse" / "checkpoints" / "6",
+                         finished=tmp_path / "killed" / "sparse" / "summary.json")
     a = (tmp_path / "straight" / "sparse" / "sparsify" / "sae.safetensors").read_bytes()
     b = (tmp_path / "killed" / "sparse" / "sparsify" / "sae.safetensors").read_bytes()
     assert a == b
@@ -101,10 +90,8 @@ def test_training_killed_and_resumed_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_train_bad_inputs(tmp_path):
     micro_model(tmp_path / "model")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-
     def fails(*extra, name="bad"):
-        out = subprocess.run(train_cmd(tmp_path, name, *extra), cwd=REPO, env=env, capture_output=True, text=True,
+        out = subprocess.run(train_cmd(tmp_path, name, *extra), cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True,
                              timeout=600)
         assert out.returncode == 2, out.stderr
         errors = [l for l in out.stderr.splitlines() if l.startswith("nlrw: error:")]

@@ -25,7 +25,7 @@ from nlrw_jax.config import Config, config_hash
 from nlrw_jax.data import tokens as token_data
 from nlrw_jax.data.tokenizer import load_tokenizer
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import truncate_jsonl, write_json
+from nlrw_jax.io import abstract_like, claim_run_folder, restore_checkpoint, truncate_jsonl, write_json
 from nlrw_jax.models import hf
 from nlrw_jax.models.evaluate import mean_cross_entropy, unigram_cross_entropy
 from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params, token_cross_entropy
@@ -96,20 +96,15 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
 
     run_dir = Path(cfg.run_dir).absolute() / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_manifest(run_dir, cfg)
+    claim_run_folder(run_dir, {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)})
     manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=p.keep_checkpoints, save_interval_steps=p.checkpoint_every))
     state = init_state()
     start = manager.latest_step()
     if start is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        try:
-            restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=token_data.GrainCheckpointRestore(data_iter)))
-        except Exception as e:
-            raise UserError(f"checkpoint {run_dir / 'checkpoints' / str(start)} could not be restored: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        state = restored["state"]
+        state = restore_checkpoint(manager, start, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(state)),
+            data=token_data.GrainCheckpointRestore(data_iter)))["state"]
     start = start or 0
     metrics_path = run_dir / "metrics.jsonl"
     truncate_jsonl(metrics_path, start)
@@ -168,17 +163,3 @@ def _export(model, model_cfg, params, folder: Path, cfg: Config, step, tokens_pe
     index["config_hash"] = config_hash(p)
     index["ctx_len"] = cfg.data.ctx_len
     write_json(index_path, index)
-
-
-
-def _check_run_manifest(run_dir: Path, cfg: Config) -> None:
-    """A run folder belongs to one pretraining config: resuming with another is an error, not a mix."""
-    manifest = {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)}
-    path = run_dir / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            raise UserError(f"{path}: this run folder was made with another pretrain/data config; "
-                            f"use a new run_dir or delete it")
-    else:
-        write_json(path, manifest)

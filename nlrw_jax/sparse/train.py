@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nlrw_jax.config import Config, config_hash
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import truncate_jsonl, write_json
+from nlrw_jax.io import abstract_like, claim_run_folder, restore_checkpoint, truncate_jsonl, write_json
 from nlrw_jax.models.gpt_neox import DTYPES, GPTNeoX, token_cross_entropy
 from nlrw_jax.parallel import make_mesh
 from nlrw_jax.sparse import coder
@@ -220,7 +220,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     run_dir = Path(cfg.run_dir).absolute()
     out_dir = run_dir / "sparse"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out_dir, cfg)
+    claim_run_folder(out_dir, {"model": config_hash(cfg.model), "data": config_hash(cfg.data),
+                               "sparse": config_hash(cfg.sparse)})
     folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
     tokenizer = load_tokenizer(token_data.subject_tokenizer_path(folder, cfg.data.tokenizer))
     train_cache, val_cache = token_data.token_caches(cfg.data, tokenizer)
@@ -244,12 +245,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     state = trainer.init_state(jax.random.PRNGKey(s.seed), jax.device_put(x, trainer.batch_sharding),
                                jax.device_put(y, trainer.batch_sharding))
     if start:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        try:
-            state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:
-            raise UserError(f"checkpoint {out_dir / 'checkpoints' / str(start)} could not be restored: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        state = restore_checkpoint(manager, start, ocp.args.StandardRestore(abstract_like(state)))
     metrics_path = out_dir / "metrics.jsonl"
     truncate_jsonl(metrics_path, start)
     ce_sums = make_spliced_ce(model, cfg.model.layer, s.kind, s.k)
@@ -283,14 +279,3 @@ def train(cfg: Config, progress: bool = True) -> dict:
                       d_in=lm_config.hidden_size, num_latents=s.num_latents)
         write_json(out_dir / "summary.json", {"steps": s.steps, "tokens": s.steps * s.batch_tokens, **final})
     return final
-
-
-def _check_manifest(out_dir: Path, cfg: Config) -> None:
-    manifest = {"sparse": config_hash(cfg.sparse), "model": config_hash(cfg.model), "data": config_hash(cfg.data)}
-    path = out_dir / "manifest.json"
-    if path.exists():
-        if json.loads(path.read_text()) != manifest:
-            raise UserError(f"{path}: this run folder holds a sparse coder trained with another config "
-                            f"(model, data or sparse section); use a new run_dir")
-    else:
-        write_json(path, manifest)
