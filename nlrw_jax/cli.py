@@ -52,6 +52,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_examples(args) -> int:
+    from nlrw_jax.interpret.examples import examples_from_config
+
+    print(examples_from_config(_load(args)))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from nlrw_jax.interpret.explain import explain_from_config
+
+    print(explain_from_config(_load(args)))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from nlrw_jax.interpret.score import score_from_config
+
+    path = score_from_config(_load(args))
+    print((path.parent / "summary.json").read_text().strip())
+    return 0
+
+
 def cmd_run(args) -> int:
     """Every stage that exists, in order, each skipping work already done in the run folder."""
     cfg = _load(args)
@@ -64,7 +86,30 @@ def cmd_run(args) -> int:
         capture_from_config(cfg)
     summary = train(cfg)
     print(json.dumps(summary, indent=2, sort_keys=True))
+    from nlrw_jax.interpret.examples import examples_from_config
+    from nlrw_jax.interpret.explain import explain_from_config
+    from nlrw_jax.interpret.score import score_from_config
+
+    examples_from_config(cfg)
+    backend = _lazy_backend(cfg)  # one LLM for both stages
+    explain_from_config(cfg, backend=backend)
+    path = score_from_config(cfg, backend=backend)
+    print((path.parent / "summary.json").read_text().strip())
     return 0
+
+
+class _lazy_backend:
+    """Builds the LLM backend on first use: a resumed run with nothing left to do never loads it."""
+
+    def __init__(self, cfg):
+        self.cfg, self.backend = cfg, None
+
+    def __getattr__(self, name):
+        if self.backend is None:
+            from nlrw_jax.llm.backends import make_backend
+
+            self.backend = make_backend(self.cfg.llm)
+        return getattr(self.backend, name)
 
 
 def cmd_corpus(args) -> int:
@@ -78,6 +123,9 @@ STAGES = {
     "eval": (cmd_eval, "held-out cross-entropy of the subject model vs a unigram baseline"),
     "capture": (cmd_capture, "write model.layer's activations (mlp_in/mlp_out or residual) to the activation store"),
     "train": (cmd_train, "train the TopK transcoder / SAE (sharded), spliced evaluation, sparsify-format export"),
+    "examples": (cmd_examples, "per-latent statistics and example windows (10 deciles + non-activating)"),
+    "explain": (cmd_explain, "explain chosen latents with the LLM (llm.backend: local, vllm or openai)"),
+    "score": (cmd_score, "detection and fuzzing scores of the explanations; the latents' ranking"),
     "pretrain": (cmd_pretrain, "train a GPT-NeoX language model from scratch (the tiny offline Pythia)"),
 }
 

