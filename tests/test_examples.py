@@ -108,3 +108,25 @@ def test_bad_inputs(run, tmp_path):
     assert r.returncode == 2 and "cfg.json: not found" in r.stderr
     with pytest.raises(UserError, match="another transcoder, store or examples config"):
         E.examples_from_config(load_config("configs/tiny.yaml", [*overrides, "examples.seed=1"]), progress=False)
+
+
+def test_on_the_fly_rows_give_the_same_examples(run, tmp_path):
+    """sparse.source=on_the_fly without a store: the forward over the capture's windows gives
+    the examples the store gives (bf16 store vs fp32 forward: same statistics up to rounding)."""
+    cfg, overrides = run
+    import shutil
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("activations", "examples"))
+    cfg2 = load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}", "sparse.source=on_the_fly"])
+    rows = E.open_rows(cfg2)
+    assert isinstance(rows, E.ForwardRows)
+    store_rows = E.open_rows(cfg)
+    assert rows.num_tokens == store_rows.num_tokens
+    np.testing.assert_array_equal(rows.tokens(300, 900), store_rows.tokens(300, 900))
+    np.testing.assert_allclose(rows.inputs(300, 900), store_rows.inputs(300, 900), atol=0.05, rtol=0.02)
+    E.examples_from_config(cfg2, progress=False)
+    a = np.load(copy / "examples" / "examples.npz")
+    b = np.load(f"{cfg.run_dir}/examples/examples.npz")
+    assert np.corrcoef(a["max_act"], b["max_act"])[0, 1] > 0.99
+    assert np.abs(a["token_count"] - b["token_count"]).sum() < 0.05 * b["token_count"].sum()

@@ -94,7 +94,9 @@ def test_explanations_and_scores(explained):
         for kind in ("detection", "fuzzing"):
             s = r[kind]
             assert 0 <= s["balanced_accuracy"] <= 1 and 0 <= s["auc"] <= 1
-            assert s["n_activating"] == 10 and s["n_non_activating"] == 3 and len(s["p_yes"]) == 13
+            # 1 per decile (a rare latent's deciles can run out of unseen windows) + 3 non-activating
+            assert 5 <= s["n_activating"] <= 10 and s["n_non_activating"] == 3
+            assert len(s["p_yes"]) == s["n_activating"] + 3
     ranking = json.loads(Path(cfg.run_dir, "scores", "ranking.json").read_text())
     table = Path(cfg.run_dir, "scores", "table.csv").read_text().splitlines()
     assert sorted(ranking) == sorted(r["latent"] for r in scores) and len(table) == 5

@@ -96,16 +96,51 @@ class StoreRows:
         return np.concatenate([self.inputs(int(w) * width, int(w) * width + width) for w in window_ids])
 
 
+class ForwardRows(StoreRows):
+    """The same rows computed on the fly (sparse.source=on_the_fly): the capture's window
+    selection (capture.windows windows) run through the model to model.layer, no disk."""
+
+    def __init__(self, cfg, point: str):
+        from nlrw_jax.data import tokens as token_data
+        from nlrw_jax.data.activations import _forward_fn
+        from nlrw_jax.data.tokenizer import load_tokenizer
+        from nlrw_jax.models import hf
+
+        folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
+        config, self.params = hf.load(folder, dtype=jnp.dtype(cfg.model.dtype))
+        tokenizer = load_tokenizer(token_data.subject_tokenizer_path(folder, cfg.data.tokenizer))
+        train_cache, _ = token_data.token_caches(cfg.data, tokenizer)
+        self.windows = np.asarray(token_data.window_dataset(train_cache, cfg.data.ctx_len, seed=cfg.data.seed,
+                                                            batch_size=cfg.capture.windows)[0], np.int32)
+        self.point, self.ctx_len = point, cfg.data.ctx_len
+        self.num_tokens = self.windows.size
+        step = cfg.capture.chunk_windows * self.ctx_len
+        self.chunks = [(s, min(s + step, self.num_tokens)) for s in range(0, self.num_tokens, step)]
+        self.identity = hashlib.sha256(self.windows.tobytes() + str((cfg.model.checkpoint, cfg.model.layer, point))
+                                       .encode()).hexdigest()[:16]
+        self._fwd = _forward_fn(config, cfg.model.layer, (point,), cfg.model.dtype)
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        return self.windows.reshape(-1)[start:stop]
+
+    def inputs(self, start: int, stop: int) -> np.ndarray:
+        first, last = start // self.ctx_len, -(-stop // self.ctx_len)  # the context windows covering the rows
+        x = np.asarray(self._fwd(self.params, jnp.asarray(self.windows[first:last]))[self.point], np.float32)
+        return x[start - first * self.ctx_len:stop - first * self.ctx_len]
+
+
 def open_rows(cfg) -> StoreRows:
     from nlrw_jax.data.activations import open_store
     from nlrw_jax.sparse.train import points_for
 
     store_path = Path(cfg.run_dir) / "activations"
-    if not (store_path / "manifest.json").exists():
-        raise UserError(f"{store_path}: no activation store; run `nlrw capture` first (examples read the "
-                        f"captured activations; with sparse.source=on_the_fly set capture.windows and capture)")
-    store = open_store(store_path)
     in_point, _ = points_for(cfg.sparse.kind)
+    if cfg.sparse.source == "on_the_fly" and not (store_path / "manifest.json").exists():
+        return ForwardRows(cfg, in_point)
+    if not (store_path / "manifest.json").exists():
+        raise UserError(f"{store_path}: no activation store; run `nlrw capture` first, or set "
+                        f"sparse.source=on_the_fly to compute the activations on the fly")
+    store = open_store(store_path)
     if store.manifest["layer"] != cfg.model.layer or in_point not in store.points:
         raise UserError(f"activation store {store_path} holds {store.points} of layer {store.manifest['layer']}, "
                         f"but examples need {in_point} of layer {cfg.model.layer}")
