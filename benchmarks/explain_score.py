@@ -207,6 +207,7 @@ def delphi_records(cfg, latents: list[int]):
     from delphi.latents import ActivatingExample, Latent, LatentRecord, NonActivatingExample
     from transformers import PreTrainedTokenizerFast
 
+    from nlrw_jax.data.tokenizer import load_tokenizer
     from nlrw_jax.data.tokens import subject_tokenizer_path
     from nlrw_jax.interpret.examples import Examples
     from nlrw_jax.models import hf
@@ -222,6 +223,10 @@ def delphi_records(cfg, latents: list[int]):
         # is given as its own sequence, which is what delphi's call returned before.
         return tokenizer.batch_decode([[int(t)] for t in ids])
 
+    from nlrw_jax.interpret import prompts as P
+
+    ours_tok = load_tokenizer(tok_path)
+    equal = total = 0
     records = []
     for latent in latents:
         aw = ex.data["act_window"][latent, ::-1]  # [deciles strongest first, per_decile]
@@ -232,6 +237,9 @@ def delphi_records(cfg, latents: list[int]):
         toks, acts = ex.windows(train_ids + test_ids + neg_ids, latent)
         toks, acts = torch.as_tensor(toks.astype(np.int64)), torch.as_tensor(acts)
         nt, ns = len(train_ids), len(test_ids)
+        for row in toks:
+            total += 1
+            equal += str_tokens(row) == P.token_strings(ours_tok, row)
 
         def activating(i, quantile):
             return ActivatingExample(tokens=toks[i], activations=acts[i], str_tokens=str_tokens(toks[i]),
@@ -247,7 +255,7 @@ def delphi_records(cfg, latents: list[int]):
             e.normalized_activations = (e.activations * 10 / top).ceil().clamp(0, 10)
         records.append(LatentRecord(latent=Latent(module_name=f"layers.{cfg.model.layer}.mlp", latent_index=latent),
                                     examples=examples, train=train, test=test, not_active=not_active))
-    return records, str(tok_path)
+    return records, str(tok_path), f"{equal}/{total} windows"
 
 
 def run_delphi(args) -> dict:
@@ -274,14 +282,28 @@ def run_delphi(args) -> dict:
     client.tokenizer = ChatIds(client.tokenizer)
     startup = time.perf_counter() - t
     counter = LLMCounter(client.client)
+    default_max_tokens = client.sampling_params.max_tokens  # Offline's number_tokens_to_generate (500)
+
+    class RecordingExplainer(DefaultExplainer):
+        """DefaultExplainer, keeping the raw completions it parses (for the report)."""
+
+        raw: list = []
+
+        def parse_explanation(self, text: str) -> str:
+            self.raw.append(text)
+            return super().parse_explanation(text)
 
     runs = {}
-    for concurrency in args.delphi_concurrency:
+    for variant in args.delphi_variants:
+        max_tokens = default_max_tokens if variant == "default" else int(variant)
+        # delphi's explainer and classifiers take generation kwargs; Offline reads max_tokens from them
+        # (for a whole batch, from its last request: the same value everywhere avoids mixing).
+        gen = {} if variant == "default" else {"max_tokens": max_tokens}
         client.client.reset_prefix_cache()  # each run starts with a cold prefix cache, as ours does
         counter.reset()
         explanations, scores = {}, {"detection": {}, "fuzz": {}}
-
-        explainer = DefaultExplainer(client, threshold=DELPHI_THRESHOLD, verbose=False)
+        explainer = RecordingExplainer(client, threshold=DELPHI_THRESHOLD, verbose=False, generation_kwargs=dict(gen))
+        explainer.raw = []
 
         def explainer_post(result):
             explanations[result.record.latent.latent_index] = result.explanation
@@ -300,30 +322,27 @@ def run_delphi(args) -> dict:
             return result
 
         scorers = [process_wrapper(FuzzingScorer(client, n_examples_shown=DELPHI_SHOWN, verbose=False,
-                                                 log_prob=args.delphi_log_probs, fuzz_type="default"),
+                                                 log_prob=args.delphi_log_probs, fuzz_type="default", **gen),
                                    preprocess=scorer_pre, postprocess=functools.partial(scorer_post, name="fuzz")),
                    process_wrapper(DetectionScorer(client, n_examples_shown=DELPHI_SHOWN, verbose=False,
-                                                   log_prob=args.delphi_log_probs),
+                                                   log_prob=args.delphi_log_probs, **gen),
                                    preprocess=scorer_pre,
                                    postprocess=functools.partial(scorer_post, name="detection"))]
 
         t0 = time.perf_counter()
-        records, tok_path = delphi_records(cfg, args.latent_ids)
+        records, tok_path, token_check = delphi_records(cfg, args.latent_ids)
         t1 = time.perf_counter()
         pipeline = Pipeline(lambda: iter(records), Pipe(process_wrapper(explainer, postprocess=explainer_post)),
                             Pipe(*scorers))
-        asyncio.run(pipeline.run(concurrency))
+        asyncio.run(pipeline.run(args.delphi_concurrency))
         t2 = time.perf_counter()
         client.task = None  # the batching task belonged to the finished event loop
         client.queue = asyncio.Queue()
 
-        llm = counter.report()
-
         def kind_stats(kind):
-            per = scores[kind]
             out = {"scored": 0, "samples": 0, "unparsed_samples": 0, "with_probability": 0,
                    "balanced_accuracy": [], "auc": []}
-            for latent, rows in per.items():
+            for rows in scores[kind].values():
                 out["scored"] += 1
                 out["samples"] += len(rows)
                 labels = np.array([r.activating for r in rows], float)
@@ -347,18 +366,21 @@ def run_delphi(args) -> dict:
 
         n = len(args.latent_ids)
         failed = "Explanation could not be parsed."
-        runs[str(concurrency)] = {
-            "pipeline_concurrency": concurrency, "build_records_s": round(t1 - t0, 2),
-            "pipeline_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "latents_per_s": n / (t2 - t0),
-            "llm": llm,
+        runs[variant] = {
+            "max_new_tokens": max_tokens, "pipeline_concurrency": args.delphi_concurrency,
+            "build_records_s": round(t1 - t0, 2), "pipeline_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
+            "latents_per_s": n / (t2 - t0), "llm": counter.report(),
             "sanity": {"explained": sum(bool(e) and e != failed for e in explanations.values()),
+                       "explainer_responses": len(explanations),
                        "explanation_parse_failures": sum(e == failed for e in explanations.values()),
                        "explainer_examples": sorted({len(r.train) for r in records}),
                        "scoring_windows": sorted({(len(r.test), len(r.not_active)) for r in records}),
+                       "str_tokens_equal_to_ours": token_check,
                        "detection": kind_stats("detection"), "fuzzing": kind_stats("fuzz"),
-                       "explanations": {str(k): v for k, v in sorted(explanations.items())}},
+                       "explanations": {str(k): v for k, v in sorted(explanations.items())},
+                       "raw_explainer_completions_sample": [r[:400] for r in explainer.raw[:3]]},
         }
-        print(f"delphi (concurrency {concurrency}): {runs[str(concurrency)]['total_s']} s", file=sys.stderr)
+        print(f"delphi ({variant}): {runs[variant]['total_s']} s", file=sys.stderr)
     return {
         "engine_startup_s": round(startup, 2),
         "engine": {"dtype": cfg.llm.dtype, "max_model_len": cfg.llm.max_model_len,
@@ -367,8 +389,8 @@ def run_delphi(args) -> dict:
         "settings": {"explainer": "DefaultExplainer(threshold=0.3, activations=True, cot=False), temperature 0",
                      "scorers": f"DetectionScorer + FuzzingScorer(fuzz_type=default), n_examples_shown="
                                 f"{DELPHI_SHOWN}, temperature 0, log_prob={args.delphi_log_probs}",
-                     "max_new_tokens": client.sampling_params.max_tokens, "offline_batch_size": client.batch_size,
-                     "subject_tokenizer": tok_path},
+                     "offline_default_max_new_tokens": default_max_tokens, "offline_batch_size": client.batch_size,
+                     "pipeline_concurrency": args.delphi_concurrency, "subject_tokenizer": tok_path},
         "runs": runs,
     }
 
@@ -407,9 +429,12 @@ def main():
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="a run folder with examples/")
     p.add_argument("--config", default="configs/tiny.yaml", help="the config the run was made with")
     p.add_argument("--latents", type=int, default=16)
-    p.add_argument("--delphi-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="delphi Pipeline.run(max_concurrent) values, comma-separated; the first is the headline "
-                        "(default: N latents, i.e. all in flight)")
+    p.add_argument("--delphi-concurrency", type=int, default=None,
+                   help="delphi's Pipeline.run(max_concurrent) (its pipeline_num_proc); default: N latents, all in "
+                        "flight (delphi's own default, cpu_count() // 2, is 1 on a 2-core box)")
+    p.add_argument("--delphi-variants", type=lambda s: s.split(","), default=["default", "32"],
+                   help="delphi runs on one engine, in turn: 'default' (Offline's max_tokens, 500) and/or a "
+                        "max_tokens cap for every request; the first is the headline")
     p.add_argument("--no-delphi-log-probs", dest="delphi_log_probs", action="store_false",
                    help="delphi's log_probs default (off): no AUC on delphi's side")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "explain_score.json")
@@ -420,13 +445,15 @@ def main():
     p.add_argument("--side-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.delphi_concurrency is None:
-        args.delphi_concurrency = [args.latents]
+        args.delphi_concurrency = args.latents
     if args.side:
         return side_main(args)
 
     command = f".venv-vllm/bin/python benchmarks/explain_score.py --run {args.run} --latents {args.latents}"
-    if args.delphi_concurrency != [args.latents]:
-        command += f" --delphi-concurrency {','.join(map(str, args.delphi_concurrency))}"
+    if args.delphi_concurrency != args.latents:
+        command += f" --delphi-concurrency {args.delphi_concurrency}"
+    if args.delphi_variants != ["default", "32"]:
+        command += f" --delphi-variants {','.join(args.delphi_variants)}"
     if not args.delphi_log_probs:
         command += " --no-delphi-log-probs"
     if not (args.run / "examples" / "examples.npz").exists():
@@ -455,7 +482,8 @@ def main():
             side_out = work / f"{side}.json"
             cmd = [sys.executable, __file__, "--side", side, "--workdir", str(work), "--config", args.config,
                    "--latents", str(args.latents), "--latent-ids", ",".join(map(str, latents)),
-                   "--delphi-concurrency", ",".join(map(str, args.delphi_concurrency)), "--side-out", str(side_out)]
+                   "--delphi-concurrency", str(args.delphi_concurrency),
+                   "--delphi-variants", ",".join(args.delphi_variants), "--side-out", str(side_out)]
             if not args.delphi_log_probs:
                 cmd.append("--no-delphi-log-probs")
             print(f"== {side}", file=sys.stderr, flush=True)
@@ -464,8 +492,10 @@ def main():
             result[side] = json.loads(side_out.read_text())
             result[side]["process_wall_s"] = round(time.perf_counter() - t, 2)
     if "ours" in result and "delphi" in result:
-        head = result["delphi"]["runs"][str(args.delphi_concurrency[0])]
-        result["ratio_ours_over_delphi"] = result["ours"]["latents_per_s"] / head["latents_per_s"]
+        runs = result["delphi"]["runs"]
+        result["ratio_ours_over_delphi"] = result["ours"]["latents_per_s"] / runs[args.delphi_variants[0]]["latents_per_s"]
+        result["ratio_ours_over_delphi_by_variant"] = {v: result["ours"]["latents_per_s"] / r["latents_per_s"]
+                                                       for v, r in runs.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(json.dumps({k: result[k] for k in ("latents", "ratio_ours_over_delphi") if k in result}))
@@ -473,8 +503,8 @@ def main():
         o = result["ours"]
         print(f"ours: {o['latents_per_s']:.3f} latents/s ({o['total_s']} s; startup {o['engine_startup_s']} s)")
     if "delphi" in result:
-        for c, r in result["delphi"]["runs"].items():
-            print(f"delphi (concurrency {c}): {r['latents_per_s']:.3f} latents/s ({r['total_s']} s; "
+        for v, r in result["delphi"]["runs"].items():
+            print(f"delphi ({v}): {r['latents_per_s']:.3f} latents/s ({r['total_s']} s; "
                   f"startup {result['delphi']['engine_startup_s']} s)")
 
 

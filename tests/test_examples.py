@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from procs import ONE_DEVICE, kill_when_then_rerun
-from tiny_run import make_run, nlrw
+from tiny_run import make_run_with_examples, nlrw
 
 from nlrw_jax.config import load_config
 from nlrw_jax.errors import UserError
@@ -17,11 +17,7 @@ from nlrw_jax.interpret import examples as E
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    overrides = make_run(run_dir)
-    cfg = load_config("configs/tiny.yaml", overrides)
-    E.examples_from_config(cfg, progress=False)
-    return cfg, overrides
+    return make_run_with_examples(tmp_path_factory)
 
 
 def brute_force(cfg):

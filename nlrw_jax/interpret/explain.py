@@ -63,10 +63,14 @@ def claim(folder: Path, manifest: dict, what: str) -> None:
         write_json(path, manifest)
 
 
-def batches_of(items: list, size: int) -> list[list]:
+def latent_batches(path: Path, latents: list[int], size: int) -> tuple[list[list[int]], dict, list[int]]:
+    """(the fixed batches of latents, the complete batches already in `path`, the batch indices to do).
+    Batches are fixed by the latent list alone, so a resumed run redoes exactly the missing ones."""
     if size <= 0:
         raise UserError(f"latents per batch must be positive, got {size}")
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    batches = [latents[i:i + size] for i in range(0, len(latents), size)]
+    done = read_batches(path, {b: len(ls) for b, ls in enumerate(batches)})
+    return batches, done, [b for b in range(len(batches)) if b not in done]
 
 
 def explain_from_config(cfg, progress: bool = True, backend=None) -> Path:
@@ -82,9 +86,7 @@ def explain_from_config(cfg, progress: bool = True, backend=None) -> Path:
     claim(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "explain": config_hash(e),
                 **llm_identity(cfg)}, "explanations")
     path = out / "explanations.jsonl"
-    batches = batches_of(latents, e.latents_per_batch)
-    done = read_batches(path, {b: len(ls) for b, ls in enumerate(batches)})
-    todo = [b for b in range(len(batches)) if b not in done]
+    batches, _, todo = latent_batches(path, latents, e.latents_per_batch)
     if todo:
         tok = subject_tokenizer(cfg)
         backend = backend or make_backend(cfg.llm, progress)

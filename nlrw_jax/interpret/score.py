@@ -22,7 +22,7 @@ from nlrw_jax.config import config_hash
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
-from nlrw_jax.interpret.explain import batches_of, claim, llm_identity, load_explanations, subject_tokenizer
+from nlrw_jax.interpret.explain import claim, latent_batches, llm_identity, load_explanations, subject_tokenizer
 from nlrw_jax.io import append_batch, read_batches, write_json
 
 
@@ -99,9 +99,7 @@ def score_from_config(cfg, progress: bool = True, backend=None) -> Path:
                 "explanations": _file_hash(Path(cfg.run_dir) / "explain" / "explanations.jsonl"),
                 **llm_identity(cfg)}, "scores")
     path = out / "scores.jsonl"
-    batches = batches_of(latents, s.latents_per_batch)
-    done = read_batches(path, {b: len(ls) for b, ls in enumerate(batches)})
-    todo = [b for b in range(len(batches)) if b not in done]
+    batches, done, todo = latent_batches(path, latents, s.latents_per_batch)
     if todo:
         tok = subject_tokenizer(cfg)
         backend = backend or make_backend(cfg.llm, progress)
