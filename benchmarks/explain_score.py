@@ -15,7 +15,16 @@ windows (32 tokens) and activations, read by our Examples reader from the run fo
   delphi  DefaultExplainer, then DetectionScorer + FuzzingScorer (delphi's Pipeline, Pipe and
           process_wrapper, wired as delphi's __main__ does), driven by delphi's Offline client,
           fed LatentRecords built from the same windows; str_tokens from the subject tokenizer
-          (assets/corpus/tokenizer.json) wrapped in a transformers PreTrainedTokenizerFast
+          (the checkpoint's tokenizer.json = assets/corpus/tokenizer.json) wrapped in a transformers
+          PreTrainedTokenizerFast. delphi 0.1.3 predates transformers 5: two of its calls are
+          adapted, each to what it returned under transformers 4 (ChatIds, str_tokens below)
+
+delphi runs twice on its one engine (prefix cache reset in between): first with its defaults,
+where every request may generate up to 500 new tokens (Offline's number_tokens_to_generate),
+then with every request capped at 32 new tokens (ours' explain.max_tokens), which separates
+the cost of its free-form answers from the rest of its design. Its pipeline concurrency
+(pipeline_num_proc) is N, all latents in flight: its own default, cpu_count() // 2, is 1 here.
+log_prob=True for its scorers (its default is off) so that both sides produce an AUC.
 
 Each side runs in its own subprocess (one engine at a time; the engine dies with the process).
 Engine start-up is timed separately and left out of latents/s; everything after it (reading the
@@ -52,6 +61,7 @@ SCORE_PER_DECILE = 1     # score.activating_per_decile
 NON_ACTIVATING = 10      # score.non_activating
 DELPHI_SHOWN = 5         # delphi's num_examples_per_scorer_prompt default
 DELPHI_THRESHOLD = 0.3   # delphi's explainer threshold as its __main__ sets it
+EXPLANATION_CHARS = 200  # explanations kept in the results file, cut to this length
 
 
 # ------------------------------------------------------------------------------- shared helpers
@@ -173,7 +183,7 @@ def run_ours(args) -> dict:
             "mean_detection_auc": summary["mean_detection_auc"],
             "mean_fuzzing_balanced_accuracy": summary["mean_fuzzing_balanced_accuracy"],
             "mean_fuzzing_auc": summary["mean_fuzzing_auc"],
-            "explanations": {str(r["latent"]): r.get("explanation") for r in expl},
+            "explanations": {str(r["latent"]): (r.get("explanation") or "")[:EXPLANATION_CHARS] for r in expl},
         },
     }
 
@@ -377,7 +387,7 @@ def run_delphi(args) -> dict:
                        "scoring_windows": sorted({(len(r.test), len(r.not_active)) for r in records}),
                        "str_tokens_equal_to_ours": token_check,
                        "detection": kind_stats("detection"), "fuzzing": kind_stats("fuzz"),
-                       "explanations": {str(k): v for k, v in sorted(explanations.items())},
+                       "explanations": {str(k): v[:EXPLANATION_CHARS] for k, v in sorted(explanations.items())},
                        "raw_explainer_completions_sample": [r[:400] for r in explainer.raw[:3]]},
         }
         print(f"delphi ({variant}): {runs[variant]['total_s']} s", file=sys.stderr)
