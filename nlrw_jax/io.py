@@ -25,15 +25,21 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 def claim_run_folder(folder: Path, sections: dict) -> None:
     """A stage's run folder belongs to one config: resuming it with another is an error, not a mix.
-    `sections` maps config-section names to their hashes; the first run records them."""
+    `sections` maps what the folder depends on (config sections, the transcoder, the LLM) to
+    hashes or names; the first run records them, and the error names the ones that differ."""
     from nlrw_jax.errors import UserError
 
-    path = Path(folder) / "manifest.json"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.json"
     if not path.exists():
         write_json(path, sections)
-    elif json.loads(path.read_text()) != sections:
-        raise UserError(f"{path}: this run folder was made with another {'/'.join(sections)} config; "
-                        f"use a new run_dir or delete it")
+        return
+    old = json.loads(path.read_text())
+    if old != sections:
+        differs = sorted(k for k in set(old) | set(sections) if old.get(k) != sections.get(k))
+        raise UserError(f"{path}: this run folder was made for another {'/'.join(sections)} config "
+                        f"(differs: {', '.join(differs)}); use a new run_dir or delete it")
 
 
 def restore_checkpoint(manager, step: int, args):

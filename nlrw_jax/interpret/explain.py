@@ -18,7 +18,7 @@ from nlrw_jax.config import config_hash
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
-from nlrw_jax.io import append_batch, read_batches, write_json
+from nlrw_jax.io import append_batch, claim_run_folder, read_batches
 
 
 def chosen_latents(cfg, num_latents: int) -> list[int]:
@@ -49,20 +49,6 @@ def llm_identity(cfg) -> dict:
     return {"backend": cfg.llm.backend, "model": cfg.llm.model, "dtype": cfg.llm.dtype}
 
 
-def claim(folder: Path, manifest: dict, what: str) -> None:
-    """A stage folder belongs to one transcoder/config/LLM: resuming with another is an error."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise UserError(f"{path}: these {what} were made for another {', '.join(diff)}; "
-                            f"delete {folder} or use a new run_dir")
-    else:
-        write_json(path, manifest)
-
-
 def latent_batches(path: Path, latents: list[int], size: int) -> tuple[list[list[int]], dict, list[int]]:
     """(the fixed batches of latents, the complete batches already in `path`, the batch indices to do).
     Batches are fixed by the latent list alone, so a resumed run redoes exactly the missing ones."""
@@ -83,8 +69,8 @@ def explain_from_config(cfg, progress: bool = True, backend=None) -> Path:
                         f"1..examples.per_decile ({ex.data['act_window'].shape[2]})")
     latents = chosen_latents(cfg, ex.num_latents)
     out = Path(cfg.run_dir) / "explain"
-    claim(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "explain": config_hash(e),
-                **llm_identity(cfg)}, "explanations")
+    claim_run_folder(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "explain": config_hash(e),
+                           **llm_identity(cfg)})
     path = out / "explanations.jsonl"
     batches, _, todo = latent_batches(path, latents, e.latents_per_batch)
     if todo:

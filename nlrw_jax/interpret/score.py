@@ -22,8 +22,8 @@ from nlrw_jax.config import config_hash
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
-from nlrw_jax.interpret.explain import claim, latent_batches, llm_identity, load_explanations, subject_tokenizer
-from nlrw_jax.io import append_batch, read_batches, write_json
+from nlrw_jax.interpret.explain import latent_batches, llm_identity, load_explanations, subject_tokenizer
+from nlrw_jax.io import append_batch, claim_run_folder, read_batches, write_json
 
 
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -95,9 +95,9 @@ def score_from_config(cfg, progress: bool = True, backend=None) -> Path:
     explanations = load_explanations(cfg)
     latents = sorted(explanations)
     out = Path(cfg.run_dir) / "scores"
-    claim(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "score": config_hash(s),
-                "explanations": _file_hash(Path(cfg.run_dir) / "explain" / "explanations.jsonl"),
-                **llm_identity(cfg)}, "scores")
+    claim_run_folder(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "score": config_hash(s),
+                           "explanations": _file_hash(Path(cfg.run_dir) / "explain" / "explanations.jsonl"),
+                           **llm_identity(cfg)})
     path = out / "scores.jsonl"
     batches, done, todo = latent_batches(path, latents, s.latents_per_batch)
     if todo:

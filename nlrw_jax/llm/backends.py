@@ -16,6 +16,7 @@ see openai_pool.py).
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from nlrw_jax.llm.models import SMOLLM2, engine_model_path, load_transformers
 BACKENDS = ("local", "vllm", "openai")
 
 
-class Backend:
+class Backend(abc.ABC):
     name = "base"
 
     def __init__(self, cfg, tokenizer, progress: bool = True):
@@ -59,11 +60,13 @@ class Backend:
         return (bar, False) if bar is not None else (self.bar(total, desc), True)
 
     # -- work ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def generate(self, prompts: list[list[int]], max_tokens: int, bar=None) -> list[str]:
-        raise NotImplementedError
+        """Greedy completions of token-id prompts."""
 
+    @abc.abstractmethod
     def next_token_logprobs(self, prompts: list[list[int]], candidates: Sequence[str], bar=None) -> np.ndarray:
-        raise NotImplementedError
+        """[n, len(candidates)] next-token log-probs; -inf outside the top llm.top_logprobs."""
 
     def close(self):
         pass
