@@ -74,6 +74,34 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from nlrw_jax.rewrite.simulate import simulate_from_config
+
+    print(simulate_from_config(_load(args), shard=args.shard, num_shards=args.num_shards))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from nlrw_jax.rewrite.calibrate import calibrate_from_config
+
+    print(calibrate_from_config(_load(args)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from nlrw_jax.rewrite.evaluate import evaluate_from_config
+
+    print(evaluate_from_config(_load(args)) / "table.csv")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from nlrw_jax.rewrite.report import report_from_config
+
+    print(report_from_config(_load(args)))
+    return 0
+
+
 def cmd_run(args) -> int:
     """Every stage that exists, in order, each skipping work already done in the run folder."""
     cfg = _load(args)
@@ -95,6 +123,15 @@ def cmd_run(args) -> int:
     explain_from_config(cfg, backend=backend)
     path = score_from_config(cfg, backend=backend)
     print((path.parent / "summary.json").read_text().strip())
+    from nlrw_jax.rewrite.calibrate import calibrate_from_config
+    from nlrw_jax.rewrite.evaluate import evaluate_from_config
+    from nlrw_jax.rewrite.report import report_from_config
+    from nlrw_jax.rewrite.simulate import simulate_from_config
+
+    simulate_from_config(cfg, backend=backend)
+    calibrate_from_config(cfg)
+    evaluate_from_config(cfg)
+    print(report_from_config(cfg))
     return 0
 
 
@@ -126,6 +163,11 @@ STAGES = {
     "examples": (cmd_examples, "per-latent statistics and example windows (10 deciles + non-activating)"),
     "explain": (cmd_explain, "explain chosen latents with the LLM (llm.backend: local, vllm or openai)"),
     "score": (cmd_score, "detection and fuzzing scores of the explanations; the latents' ranking"),
+    "simulate": (cmd_simulate, "the LLM predicts each explained latent's activation at evaluation and calibration "
+                               "contexts (sharded: --shard i --num-shards n)"),
+    "calibrate": (cmd_calibrate, "fit the per-latent quantile maps (raw prediction -> true activation)"),
+    "evaluate": (cmd_evaluate, "one compiled patched forward: CE of every condition, metrics, CIs"),
+    "report": (cmd_report, "report.md with the tables and PNG plots"),
     "pretrain": (cmd_pretrain, "train a GPT-NeoX language model from scratch (the tiny offline Pythia)"),
 }
 
@@ -138,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.ctx_len=128")
         p.set_defaults(fn=fn)
+        if name == "simulate":
+            p.add_argument("--shard", type=int, default=None, help="do only the shards k with k %% num-shards == shard")
+            p.add_argument("--num-shards", type=int, default=1, help="workers sharing the grid (a Slurm array)")
     p = sub.add_parser("corpus", help="rebuild the offline English corpus and its BPE tokenizer (needs apt packages)")
     p.add_argument("--out", default="assets/corpus")
     p.add_argument("--vocab-size", type=int, default=8192)

@@ -187,6 +187,40 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass
+class SimulateConfig:
+    """`nlrw simulate`: the LLM predicts each explained latent's activation at one position of each
+    context from its explanation (METHOD.md, "The simulator"); the work is a grid of shards."""
+
+    sentences: int = 256  # evaluation contexts (validation windows), one random position each
+    calibration: int = 1024  # calibration contexts, disjoint from the evaluation ones (fit the quantile maps)
+    order: str = "window_first"  # window_first | explanation_first: which one is in the shared prompt prefix
+    readout: str = "renormalised"  # renormalised: sum_d p(d) d / sum_d p(d); reference: sum_d p(d) d (not renormalised)
+    contexts_per_shard: int = 64
+    latents_per_shard: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CalibrateConfig:
+    """`nlrw calibrate`: per-latent quantile maps from predicted values to true activations."""
+
+    estimator: str = "type8"  # type8 (Hyndman-Fan, median-unbiased) | empirical (type 7, numpy's default)
+    sizes: list[int] = dataclasses.field(default_factory=list)  # calibration-size sweep (contexts); [] = just all
+    true_tokens: int = 0  # tokens of the activation store for the true quantiles; 0 = all
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """`nlrw evaluate`: one compiled patched forward for every condition; metrics with bootstrap CIs."""
+
+    fractions: list[float] = dataclasses.field(
+        default_factory=lambda: [0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])  # of the simulated latents
+    batch_size: int = 16
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -200,6 +234,9 @@ class Config:
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     explain: ExplainConfig = dataclasses.field(default_factory=ExplainConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    simulate: SimulateConfig = dataclasses.field(default_factory=SimulateConfig)
+    calibrate: CalibrateConfig = dataclasses.field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -15,6 +15,25 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def save_npz(path: Path, arrays: dict) -> None:
+    """Temp file, fsync, then rename: a killed writer never leaves a file that looks complete."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def truncate_jsonl(path: Path, step: int) -> None:
     """Drops log lines past the restored step, so a resumed run logs each step once."""
     path = Path(path)

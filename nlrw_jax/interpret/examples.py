@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import write_json
+from nlrw_jax.io import save_npz, write_json
 from nlrw_jax.sparse import coder as sc
 
 DECILES = 10
@@ -248,12 +248,6 @@ def _fresh_state(n: int, m_act: int, m_neg: int) -> dict:
                 neg_key=np.full((n, m_neg), NO_KEY, np.int32), neg_window=np.full((n, m_neg), NO_WINDOW, np.int32))
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
 def examples_from_config(cfg, progress: bool = True) -> Path:
     """Writes run_dir/examples/{examples.npz, manifest.json}; resumes a killed sweep."""
     e = cfg.examples
@@ -314,7 +308,7 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
                                kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
             bar.update(1)
             if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
-                _save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
+                save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
                 last_save = time.monotonic()
     bar.close()
 
@@ -328,7 +322,7 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
         neg_window=np.where(state["neg_key"] != NO_KEY, state["neg_window"], NO_WINDOW)[:, :e.non_activating]
         .astype(np.int32),
         num_tokens=np.int64(rows.num_tokens), window_tokens=np.int32(width))
-    _save_npz(final, result)
+    save_npz(final, result)
     partial.unlink(missing_ok=True)
     return final
 

@@ -88,3 +88,38 @@ def detection_messages(explanation: str, pieces: list[str]) -> list[dict]:
 def fuzzing_messages(explanation: str, pieces: list[str], marked: np.ndarray) -> list[dict]:
     return [{"role": "system", "content": FUZZING_SYSTEM},
             {"role": "user", "content": f"Feature explanation: {explanation}\n\nText example: {mark(pieces, marked)}"}]
+
+
+# ---------------------------------------------------------------------------------- simulator
+
+SIMULATOR_SYSTEM = """You are a meticulous linguistics researcher. You will be given an explanation of a feature of text and a text example whose last token is marked between delimiters <<like this>>.
+Rate how much the marked last token represents the feature, with an integer from 0 to 9: 0 means the token has no relation to the feature, 9 means it is a strong and exact match.
+Most tokens have no relation to the feature, so lower numbers are much more likely than higher ones; give 9 only for an exact match. Answer with a Python list holding the number, like [0]."""
+
+DIGITS = tuple(str(d) for d in range(10))
+
+# Three worked examples (explanation, window with the marked last token, rating), sent as chat
+# turns after the system prompt: part of every prompt's shared prefix, so free under a prefix cache.
+SIMULATOR_FEW_SHOT = (
+    ("Years and dates in historical writing.", "The treaty was finally signed in the spring of <<1648>>", 9),
+    ("Words about cooking and food.", "The committee postponed its decision until next <<Tuesday>>", 0),
+    ('The word "the" and other articles before a noun.', "She walked slowly towards <<the>>", 6),
+)
+
+
+def simulator_user(explanation: str, window: str, order: str) -> str:
+    """The user turn; `order` puts the explanation (reference layout) or the window first."""
+    if order == "explanation_first":
+        return f"Feature explanation: {explanation}\n\nText examples:\n\nExample 1: {window}"
+    return f"Text examples:\n\nExample 1: {window}\n\nFeature explanation: {explanation}"
+
+
+def simulator_messages(explanation: str, pieces: list[str], order: str) -> list[dict]:
+    """The marked window is the last 32 tokens ending at the predicted position."""
+    marked = np.zeros(len(pieces), bool)
+    marked[-1] = True
+    messages = [{"role": "system", "content": SIMULATOR_SYSTEM}]
+    for expl, window, rating in SIMULATOR_FEW_SHOT:
+        messages += [{"role": "user", "content": simulator_user(expl, window, order)},
+                     {"role": "assistant", "content": f"[{rating}]"}]
+    return messages + [{"role": "user", "content": simulator_user(explanation, mark(pieces, marked), order)}]

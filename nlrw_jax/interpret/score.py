@@ -23,7 +23,7 @@ from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
 from nlrw_jax.interpret.explain import latent_batches, llm_identity, load_explanations, subject_tokenizer
-from nlrw_jax.io import append_batch, claim_run_folder, read_batches, write_json
+from nlrw_jax.io import append_batch, claim_run_folder, file_hash, read_batches, write_json
 
 
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -96,7 +96,7 @@ def score_from_config(cfg, progress: bool = True, backend=None) -> Path:
     latents = sorted(explanations)
     out = Path(cfg.run_dir) / "scores"
     claim_run_folder(out, {"coder": ex.coder_hash, "examples": ex.manifest["examples"], "score": config_hash(s),
-                           "explanations": _file_hash(Path(cfg.run_dir) / "explain" / "explanations.jsonl"),
+                           "explanations": file_hash(Path(cfg.run_dir) / "explain" / "explanations.jsonl"),
                            **llm_identity(cfg)})
     path = out / "scores.jsonl"
     batches, done, todo = latent_batches(path, latents, s.latents_per_batch)
@@ -145,12 +145,6 @@ def score_from_config(cfg, progress: bool = True, backend=None) -> Path:
         done = read_batches(path, {b: len(ls) for b, ls in enumerate(batches)})
     _write_tables(out, [r for b in sorted(done) for r in done[b]], len(latents))
     return path
-
-
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _write_tables(out: Path, records: list[dict], num_latents: int) -> None:

@@ -94,8 +94,8 @@ class LocalBackend(Backend):
         out = np.full((len(prompts), len(candidates)), -np.inf, np.float32)
         bar, own = self._bar(bar, len(prompts), "score")
         with torch.inference_mode():
-            for lo in range(0, len(prompts), self.cfg.batch_size):
-                batch = prompts[lo:lo + self.cfg.batch_size]
+            for lo, hi in _prefix_batches(prompts, self.cfg.batch_size):
+                batch = prompts[lo:hi]
                 logp = self._last_logprobs(batch)
                 top = logp.topk(self.cfg.top_logprobs, dim=-1).indices
                 keep = (top[:, :, None] == cand[None, None, :]).any(1)  # as a top-N server would report
@@ -149,6 +149,23 @@ class LocalBackend(Backend):
         if own:
             bar.close()
         return texts
+
+
+def _prefix_batches(prompts: list[list[int]], size: int) -> list[tuple[int, int]]:
+    """Batches of up to `size` consecutive prompts, cut early where taking the next prompt would cost
+    more tokens (the rows' shrunk shared prefix, recomputed per row) than starting a new batch (its
+    prefix, once): e.g. where the simulator moves on to the next window."""
+    out, lo = [], 0
+    while lo < len(prompts):
+        hi, shared = lo + 1, len(prompts[lo])
+        while hi < min(lo + size, len(prompts)):
+            s = min(shared, _common_prefix([prompts[lo], prompts[hi]]))
+            if (shared - s) * (hi - lo) > s:
+                break
+            hi, shared = hi + 1, s
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

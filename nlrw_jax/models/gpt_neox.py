@@ -230,8 +230,12 @@ class GPTNeoX(nn.Module):
         mlp_replacements: Mapping[int, MlpReplacement] | None = None,
         resid_replacements: Mapping[int, Callable[[jax.Array], jax.Array]] | None = None,
         last_layer: int | None = None,
+        resid: jax.Array | None = None,
+        first_layer: int = 0,
     ):
-        """`last_layer` stops after that layer (no logits: None), for activation capture."""
+        """`last_layer` stops after that layer (no logits: None), for activation capture; `resid`
+        [b, s, d] with `first_layer` starts from that residual stream (input of `first_layer`)
+        instead of the embeddings, for patched runs that reuse a clean prefix of the model."""
         c = self.config
         b, s = input_ids.shape
         if s > c.max_position_embeddings:
@@ -253,10 +257,10 @@ class GPTNeoX(nn.Module):
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_in")
-        x = embed(input_ids)
+        x = embed(input_ids) if resid is None else resid.astype(self.dtype)
         captured = {}
         n_layers = c.num_hidden_layers if last_layer is None else last_layer + 1
-        for i in range(n_layers):
+        for i in range(first_layer if resid is not None else 0, n_layers):
             replacement = (mlp_replacements or {}).get(i)
             x, points = Layer(c, self.dtype, name=f"layers_{i}")(x, cos, sin, mask, replacement)
             if i in (resid_replacements or {}):
