@@ -229,3 +229,21 @@ def test_latent_without_explanation_is_simulated_as_zero(evaluated, tmp_path):
     assert (values["raw"][:, 0] == 0).all() and (values["normalised"][:, 0] == 0).all()
     preds = S.load_predictions(load_config("configs/tiny.yaml", args))
     assert np.isneginf(preds["logprobs"][:, 0]).all()  # never sent to the LLM
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_report(evaluated, tmp_path):
+    """`nlrw run` killed inside the simulation, then rerun: the same results and report as the
+    stage-by-stage run, with every prediction made once."""
+    cfg, overrides, _ = evaluated
+    nlrw("report", "configs/tiny.yaml", *overrides)
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate", "calibrate", "evaluate", "report"))
+    cmd = [sys.executable, "-m", "nlrw_jax.cli", "run", "configs/tiny.yaml", *overrides, f"run_dir={copy}"]
+    kill_when_then_rerun(cmd, marker=copy / "simulate" / "shards" / "00002.npz",
+                         finished=copy / "calibrate", env=ONE_DEVICE)
+    for name in ("evaluate/results.json", "report/report.md"):
+        want = Path(cfg.run_dir, name).read_text().replace(str(cfg.run_dir), "RUN")
+        assert Path(copy, name).read_text().replace(str(copy), "RUN") == want, name
+    np.testing.assert_array_equal(np.load(copy / "simulate" / "shards" / "00002.npz")["logprobs"],
+                                  np.load(Path(cfg.run_dir) / "simulate" / "shards" / "00002.npz")["logprobs"])
