@@ -341,8 +341,14 @@ def _orderings(run: _Run, res: dict) -> list[str]:
     fl = _frac(f) if f is not None else "?"
     tc, zero = run.find("transcoder"), run.find("zero_ablation")
     norm, raw = run.find("normalised", "top", f), run.find("raw", "top", f)
-    lines = ["## Orderings (the paper's claims, checked)", "",
-             f"At fraction {fl} (every simulated latent replaced) unless stated.", ""]
+    scope = f"At fraction {fl} (every simulated latent replaced) unless stated."
+    if res.get("latents_simulated", 0) < res.get("latents_total", 0) and run.find("normalised", "all_latents"):
+        # Only some latents were explained: (a)-(d) are about the whole layer rewritten, as in the paper.
+        norm, raw = run.find("normalised", "all_latents"), run.find("raw", "all_latents")
+        scope = (f"Only {res['latents_simulated']} of {res['latents_total']} latents were simulated, so (a)-(d) use "
+                 f"the full rewrite (`all_latents`: every latent replaced, never-explained ones by 0); (e) uses "
+                 f"the fractions of the simulated latents.")
+    lines = ["## Orderings (the paper's claims, checked)", "", scope, ""]
 
     def item(tag: str, claim: str, a: dict | None, b: dict | None, ok_fn) -> None:
         if a is None or b is None:
