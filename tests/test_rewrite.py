@@ -236,6 +236,7 @@ def test_killed_run_resumes_to_the_same_report(evaluated, tmp_path):
     """`nlrw run` killed inside the simulation, then rerun: the same results and report as the
     stage-by-stage run, with every prediction made once."""
     cfg, overrides, _ = evaluated
+    nlrw("eval", "configs/tiny.yaml", *overrides)  # `nlrw run` starts with it; the report quotes it
     nlrw("report", "configs/tiny.yaml", *overrides)
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate", "calibrate", "evaluate", "report"))
