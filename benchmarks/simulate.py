@@ -319,7 +319,7 @@ def main():
     result = {
         "command": command, "date": datetime.date.today().isoformat(), "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "versions": versions(), "load_average_at_start": load,
-        "llm": "SmolLM2-135M-Instruct (llm.model=smollm2, converted safetensors folder)",
+        "model": "SmolLM2-135M-Instruct (llm.model=smollm2, converted safetensors folder)",
         "latents": [int(x) for x in latents], "contexts": C, "predictions": n,
         "latent_choice": f"the first {L} (ascending) of the run's latents with a non-empty explanation",
         "context_choice": f"make_contexts with simulate.sentences={C}, calibration=0, seed {cfg.simulate.seed}: "
