@@ -7,12 +7,16 @@ import os
 from pathlib import Path
 
 
-def write_json(path: Path, obj) -> None:
+def write_text(path: Path, text: str) -> None:
     """Temp file then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_npz(path: Path, arrays: dict) -> None:

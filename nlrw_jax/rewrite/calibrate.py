@@ -25,11 +25,11 @@ def calibrate_dir(cfg) -> Path:
     return Path(cfg.run_dir) / "calibrate"
 
 
-def raw_values(cfg, preds: dict) -> np.ndarray:
+def raw_values(cfg, preds: dict, examples=None) -> np.ndarray:
     """[N, L] raw simulated activations (0 for a latent without an explanation)."""
     from nlrw_jax.interpret.examples import Examples
 
-    max_act = Examples(cfg).data["max_act"][preds["latents"]]
+    max_act = (examples or Examples(cfg)).data["max_act"][preds["latents"]]
     e = S.expected_digit(preds["logprobs"], cfg.simulate.readout)
     return np.where(preds["explained"], S.raw_activation(e, max_act), 0.0).astype(np.float32)
 
@@ -89,9 +89,9 @@ def calibrate_from_config(cfg, progress: bool = True) -> Path:
     nonzero, n_tokens = true_nonzero(cfg, latents, progress)
     levels = Q.quantile_levels()
     (out / "maps").mkdir(exist_ok=True)
+    true_q = {e: np.stack([Q.true_quantiles(v, n_tokens, levels, e) for v in nonzero]) for e, _ in todo}
     for estimator, size in todo:
-        true_q = np.stack([Q.true_quantiles(v, n_tokens, levels, estimator) for v in nonzero])
-        pred_knots, true_knots = Q.fit_quantile_map(calib[:size], true_q, levels, estimator)
+        pred_knots, true_knots = Q.fit_quantile_map(calib[:size], true_q[estimator], levels, estimator)
         Q.save_quantile_map(map_path(cfg, estimator, size), levels, pred_knots, true_knots, latents,
                             {"estimator": estimator, "contexts": size, "true_tokens": n_tokens})
     save_npz(out / "true_frequency.npz", dict(latents=latents, firing=np.array([len(v) for v in nonzero]),

@@ -89,13 +89,16 @@ def checkpoint_curve(cfg, windows: np.ndarray, positions: np.ndarray, clean_ce: 
     if not index.exists():
         return curve
     dtype = jnp.dtype(cfg.model.dtype)
+    compiled = {}  # one jitted CE function per architecture: the checkpoints share it
     for name, entry in json.loads(index.read_text())["checkpoints"].items():
         if name == folder.name or not (folder.parent / name).is_dir():
             continue
         config, params = hf.load(folder.parent / name, dtype=dtype)
-        model = GPTNeoX(config, dtype=dtype)
-        ce_at = jax.jit(lambda p, w, pos: token_cross_entropy(model.apply({"params": p}, w)[0], w)[
-            jnp.arange(w.shape[0]), pos])
+        if repr(config) not in compiled:
+            model = GPTNeoX(config, dtype=dtype)
+            compiled[repr(config)] = jax.jit(lambda p, w, pos, model=model: token_cross_entropy(
+                model.apply({"params": p}, w)[0], w)[jnp.arange(w.shape[0]), pos])
+        ce_at = compiled[repr(config)]
         bs = cfg.evaluate.batch_size
         ces = np.concatenate([np.asarray(ce_at(params, windows[i:i + bs], positions[i:i + bs]))
                               for i in range(0, len(windows), bs)])
@@ -142,8 +145,7 @@ def evaluate_from_config(cfg, progress: bool = True) -> Path:
     latents, explained, contexts = preds["latents"], preds["explained"], preds["contexts"]
     n_eval = int(contexts["n_eval"])
     ex = Examples(cfg)
-    raw_all = C.raw_values(cfg, preds)
-    raw = raw_all[:n_eval]
+    raw = C.raw_values(cfg, preds, ex)[:n_eval]
     sizes = C.calibration_sizes(cfg)
     variants = {"raw": raw}
     main = (cfg.calibrate.estimator, sizes[-1])

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.errors import UserError
+from nlrw_jax.io import write_text
 
 VARIANTS = ("raw", "normalised")
 SELECTIONS = ("top", "random")
@@ -47,23 +48,16 @@ def _ci(ci, d: int = 4) -> str:
     return f"[{_f(ci[0], d)}, {_f(ci[1], d)}]" if ci and len(ci) == 2 else "n/a"
 
 
-def _pm(c: dict | None, d: int = 4) -> str:
-    """CE as mean ± half the 95% CI width."""
+def _pm(c: dict | None, key: str = "ce", d: int = 4) -> str:
+    """A condition's CE (key="ce") or its increase over clean (key="delta_vs_clean") as mean ± half
+    the 95% CI width."""
     if c is None:
         return "—"
-    lo, hi = (c.get("ce_ci") or [None, None])[:2]
+    fmt = _f if key == "ce" else _signed
+    lo, hi = (c.get("ce_ci" if key == "ce" else "delta_ci") or [None, None])[:2]
     if _isnum(lo) and _isnum(hi):
-        return f"{_f(c['ce'], d)} ± {(hi - lo) / 2:.{d}f}"
-    return _f(c.get("ce"), d)
-
-
-def _pm_delta(c: dict | None, d: int = 4) -> str:
-    if c is None:
-        return "—"
-    lo, hi = (c.get("delta_ci") or [None, None])[:2]
-    if _isnum(lo) and _isnum(hi):
-        return f"{_signed(c['delta_vs_clean'], d)} ± {(hi - lo) / 2:.{d}f}"
-    return _signed(c.get("delta_vs_clean"), d)
+        return f"{fmt(c[key], d)} ± {(hi - lo) / 2:.{d}f}"
+    return fmt(c.get(key), d)
 
 
 def _signed(x, d: int = 4) -> str:
@@ -100,12 +94,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -253,7 +241,7 @@ def _main_tables(run: _Run) -> list[str]:
               "The sentences' spread cancels in the difference to clean, so these intervals are much narrower.", ""]
     rows = []
     for f in run.fractions:
-        cells = [_pm_delta(run.find(v, s, f)) for v in VARIANTS for s in SELECTIONS]
+        cells = [_pm(run.find(v, s, f), "delta_vs_clean") for v in VARIANTS for s in SELECTIONS]
         n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
         rows.append([_frac(f), n, *cells])
     lines += _table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
@@ -657,7 +645,7 @@ def report_from_config(cfg, progress: bool = True) -> Path:
     lines += _other_stages(run_dir)
     lines += ["## Plots", ""] + [f"- [{n}]({n})" for n in PLOTS if n in made] + \
         ["", f"Source: `{res_path}` (table: `{ev / 'table.csv'}`).", ""]
-    _atomic_write_text(md_path, "\n".join(lines))
+    write_text(md_path, "\n".join(lines))
     steps.update()
     steps.close()
     return md_path
