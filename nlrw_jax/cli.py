@@ -15,17 +15,23 @@ from nlrw_jax.errors import UserError
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 
-def _load(args):
-    from nlrw_jax.config import load_config
+# Stages in which every process of a multi-host run takes part; the others run on process 0.
+COLLECTIVE = {"run", "capture", "train", "pretrain"}
 
-    return load_config(args.config, args.overrides)
+
+def _say(text) -> None:
+    """A stage's result line; in a multi-host run only process 0 reports."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text)
 
 
 def cmd_pretrain(args) -> int:
     from nlrw_jax.models.pretrain import pretrain
 
-    summary = pretrain(_load(args))
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    summary = pretrain(args.cfg)
+    _say(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
@@ -33,7 +39,7 @@ def cmd_eval(args) -> int:
     """Held-out next-token cross-entropy of the subject model, next to the unigram baseline."""
     from nlrw_jax.models.evaluate import evaluate_subject
 
-    result = evaluate_subject(_load(args))
+    result = evaluate_subject(args.cfg)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
@@ -41,35 +47,35 @@ def cmd_eval(args) -> int:
 def cmd_capture(args) -> int:
     from nlrw_jax.data.activations import capture_from_config
 
-    print(capture_from_config(_load(args)))
+    _say(capture_from_config(args.cfg))
     return 0
 
 
 def cmd_train(args) -> int:
     from nlrw_jax.sparse.train import train
 
-    print(json.dumps(train(_load(args)), indent=2, sort_keys=True))
+    _say(json.dumps(train(args.cfg), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_examples(args) -> int:
     from nlrw_jax.interpret.examples import examples_from_config
 
-    print(examples_from_config(_load(args)))
+    print(examples_from_config(args.cfg))
     return 0
 
 
 def cmd_explain(args) -> int:
     from nlrw_jax.interpret.explain import explain_from_config
 
-    print(explain_from_config(_load(args)))
+    print(explain_from_config(args.cfg))
     return 0
 
 
 def cmd_score(args) -> int:
     from nlrw_jax.interpret.score import score_from_config
 
-    path = score_from_config(_load(args))
+    path = score_from_config(args.cfg)
     print((path.parent / "summary.json").read_text().strip())
     return 0
 
@@ -77,42 +83,47 @@ def cmd_score(args) -> int:
 def cmd_simulate(args) -> int:
     from nlrw_jax.rewrite.simulate import simulate_from_config
 
-    print(simulate_from_config(_load(args), shard=args.shard, num_shards=args.num_shards))
+    print(simulate_from_config(args.cfg, shard=args.shard, num_shards=args.num_shards))
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from nlrw_jax.rewrite.calibrate import calibrate_from_config
 
-    print(calibrate_from_config(_load(args)))
+    print(calibrate_from_config(args.cfg))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from nlrw_jax.rewrite.evaluate import evaluate_from_config
 
-    print(evaluate_from_config(_load(args)) / "table.csv")
+    print(evaluate_from_config(args.cfg) / "table.csv")
     return 0
 
 
 def cmd_report(args) -> int:
     from nlrw_jax.rewrite.report import report_from_config
 
-    print(report_from_config(_load(args)))
+    print(report_from_config(args.cfg))
     return 0
 
 
 def cmd_run(args) -> int:
-    """Every stage that exists, in order, each skipping work already done in the run folder."""
-    cfg = _load(args)
+    """Every stage that exists, in order, each skipping work already done in the run folder.
+    Multi-host: every process captures and trains; process 0 alone does the rest."""
+    cfg = args.cfg
+    from nlrw_jax import distributed
     from nlrw_jax.data.activations import capture_from_config
     from nlrw_jax.models.evaluate import evaluate_subject
     from nlrw_jax.sparse.train import train
 
-    evaluate_subject(cfg)
+    if distributed.is_primary():
+        evaluate_subject(cfg)
     if cfg.sparse.source == "store":
         capture_from_config(cfg)
     summary = train(cfg)
+    if not distributed.is_primary():
+        return 0
     print(json.dumps(summary, indent=2, sort_keys=True))
     from nlrw_jax.interpret.examples import examples_from_config
     from nlrw_jax.interpret.explain import explain_from_config
@@ -172,6 +183,27 @@ STAGES = {
 }
 
 
+def _shared_token_caches(cfg, pretraining: bool) -> None:
+    """Multi-host: process 0 tokenizes the corpus into the shared cache, then the others open it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from nlrw_jax import distributed
+    from nlrw_jax.data import tokens as token_data
+    from nlrw_jax.data.tokenizer import load_tokenizer
+    from nlrw_jax.models import hf
+
+    def token_caches():
+        tokenizer = Path(cfg.data.tokenizer)  # pretraining: the model does not exist yet
+        if not pretraining:
+            folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
+            tokenizer = token_data.subject_tokenizer_path(folder, cfg.data.tokenizer)
+        return token_data.token_caches(cfg.data, load_tokenizer(tokenizer))
+
+    distributed.primary_first(token_caches)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlrw", description="Partially rewrite a transformer in natural language.")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
@@ -196,6 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)  # `nlrw run key=value` with the default config
         args.config = DEFAULT_CONFIG
     try:
+        if getattr(args, "config", None):
+            from nlrw_jax import distributed
+            from nlrw_jax.config import load_config
+
+            args.cfg = load_config(args.config, args.overrides)
+            distributed.initialize(args.cfg.distributed)
+            if args.stage in COLLECTIVE:
+                _shared_token_caches(args.cfg, pretraining=args.stage == "pretrain")
+            # Single-host work is process 0's; every process leaves together (an error leaves at once).
+            code = args.fn(args) if args.stage in COLLECTIVE or distributed.is_primary() else 0
+            distributed.barrier(f"end of nlrw {args.stage}")
+            return code
         return args.fn(args)
     except UserError as e:
         print(f"nlrw: error: {e}", file=sys.stderr)

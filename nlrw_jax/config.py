@@ -68,6 +68,19 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Multi-host JAX (one process per host). coordinator: "" = one process; "auto" =
+    jax.distributed.initialize() finds the cluster itself (TPU pods); "host:port" = process 0's
+    address, with num_processes and process_id. NLRW_COORDINATOR / NLRW_NUM_PROCESSES /
+    NLRW_PROCESS_ID in the environment override these, so a launcher can set them per host."""
+
+    coordinator: str = ""
+    num_processes: int | None = None
+    process_id: int | None = None
+    cpu_collectives: str = "gloo"  # CPU-only clusters (and the tests): gloo over TCP
+
+
+@dataclasses.dataclass
 class PretrainConfig:
     """Language-model pretraining (the tiny offline Pythia)."""
 
@@ -226,6 +239,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
@@ -262,7 +276,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise UserError(f"override {key}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(value) if value else ""
-    return _build(Config, raw, prefix="")
+    cfg = _build(Config, raw, prefix="")
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise UserError(f"config key run_dir: run_dir {cfg.run_dir} exists and is not a folder")
+    return cfg
 
 
 def _build(cls, raw: dict, prefix: str):

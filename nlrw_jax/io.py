@@ -46,6 +46,20 @@ def truncate_jsonl(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object a stage wrote (a manifest); missing, damaged or not an object is a one-line
+    error naming the file and how to fix it."""
+    from nlrw_jax.errors import UserError
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a JSON object; {fix}")
+    return obj
+
+
 def claim_run_folder(folder: Path, sections: dict) -> None:
     """A stage's run folder belongs to one config: resuming it with another is an error, not a mix.
     `sections` maps what the folder depends on (config sections, the transcoder, the LLM) to
@@ -58,7 +72,7 @@ def claim_run_folder(folder: Path, sections: dict) -> None:
     if not path.exists():
         write_json(path, sections)
         return
-    old = json.loads(path.read_text())
+    old = read_json_object(path, f"what this run folder was made for is unknown: use a new run_dir or delete {folder}")
     if old != sections:
         differs = sorted(k for k in set(old) | set(sections) if old.get(k) != sections.get(k))
         raise UserError(f"{path}: this run folder was made for another {'/'.join(sections)} config "

@@ -2,6 +2,8 @@
 on a small real run with the real local LLM (SmolLM2)."""
 
 import json
+import os
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from procs import ONE_DEVICE, kill_when_then_rerun
+from procs import ONE_DEVICE, kill_at_random_points_then_finish, kill_when_then_rerun
 from tiny_run import make_run_with_examples, nlrw
 
 from nlrw_jax.config import load_config
@@ -232,19 +234,27 @@ def test_latent_without_explanation_is_simulated_as_zero(evaluated, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_report(evaluated, tmp_path):
-    """`nlrw run` killed inside the simulation, then rerun: the same results and report as the
-    stage-by-stage run, with every prediction made once."""
+def test_run_killed_at_random_points_resumes_to_the_same_report(evaluated, tmp_path):
+    """`nlrw run` from an empty run folder, SIGKILLed at random points of 4 random stages and rerun
+    each time, then to the end: the same results and report as the uninterrupted stage-by-stage
+    run, and the same predictions. NLRW_FAULT_SEED replays a schedule."""
     cfg, overrides, _ = evaluated
     nlrw("eval", "configs/tiny.yaml", *overrides)  # `nlrw run` starts with it; the report quotes it
     nlrw("report", "configs/tiny.yaml", *overrides)
-    copy = tmp_path / "tiny"
-    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate", "calibrate", "evaluate", "report"))
-    cmd = [sys.executable, "-m", "nlrw_jax.cli", "run", "configs/tiny.yaml", *overrides, f"run_dir={copy}"]
-    kill_when_then_rerun(cmd, marker=copy / "simulate" / "shards" / "00002.npz",
-                         finished=copy / "calibrate", env=ONE_DEVICE)
+    run = tmp_path / "tiny"
+    cmd = [sys.executable, "-m", "nlrw_jax.cli", "run", "configs/tiny.yaml", *overrides, f"run_dir={run}"]
+    stages = {"eval": run.parent, "capture": run / "activations" / "manifest.json",
+              "train": run / "sparse" / "manifest.json", "examples": run / "examples" / "manifest.json",
+              "explain": run / "explain" / "manifest.json", "score": run / "scores" / "manifest.json",
+              "simulate": run / "simulate" / "manifest.json", "calibrate": run / "calibrate" / "manifest.json",
+              "evaluate": run / "evaluate", "report": run / "report"}
+    seed = int(os.environ.get("NLRW_FAULT_SEED", random.randrange(1 << 30)))
+    landed = kill_at_random_points_then_finish(cmd, stages, kills=4, seed=seed)
+    print(f"NLRW_FAULT_SEED={seed}: kills landed in {landed}")
+    assert sum(where != "finished" for where in landed) >= 3, (seed, landed)
     for name in ("evaluate/results.json", "report/report.md"):
         want = Path(cfg.run_dir, name).read_text().replace(str(cfg.run_dir), "RUN")
-        assert Path(copy, name).read_text().replace(str(copy), "RUN") == want, name
-    np.testing.assert_array_equal(np.load(copy / "simulate" / "shards" / "00002.npz")["logprobs"],
-                                  np.load(Path(cfg.run_dir) / "simulate" / "shards" / "00002.npz")["logprobs"])
+        assert Path(run, name).read_text().replace(str(run), "RUN") == want, (name, seed, landed)
+    for shard in sorted(Path(cfg.run_dir, "simulate", "shards").glob("*.npz")):
+        np.testing.assert_array_equal(np.load(run / "simulate" / "shards" / shard.name)["logprobs"],
+                                      np.load(shard)["logprobs"], err_msg=f"{shard.name} seed {seed}")

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from nlrw_jax import distributed
 from nlrw_jax.errors import UserError
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import CAPTURE_NAMES, GPTNeoX, GPTNeoXConfig
@@ -86,7 +89,8 @@ def _read_json(kv: ts.KvStore, key: str) -> dict | None:
     try:
         return json.loads(bytes(r.value))
     except json.JSONDecodeError as e:
-        raise UserError(f"{key} in the activation store is not valid JSON: {e}") from None
+        where = kv.path if kv.url.startswith("file://") else kv.url  # a plain path, or gs://...
+        raise UserError(f"{where}{key} is not valid JSON: {e}") from None
 
 
 def _write_json(kv: ts.KvStore, key: str, data: dict):
@@ -308,9 +312,14 @@ def capture(
     done = {c for c in _done_chunks(root, process_index) if c < num_chunks}
 
     fwd = _forward_fn(config, layer, tuple(points), model_dtype, STORE_DTYPES[dtype])
+    # Data-parallel over this host's devices (no cross-host traffic: hosts capture independently).
+    local = jax.local_devices()
+    local_mesh = Mesh(np.array(local[:math.gcd(batch_size, len(local))]), ("data",))
+    params = jax.device_put(params, NamedSharding(local_mesh, P()))
+    rows = NamedSharding(local_mesh, P("data"))
     skipped = sum(min(chunk_tokens, num_tokens - c * chunk_tokens) for c in done)
-    bar = tqdm(total=num_tokens, initial=skipped, unit="tok", unit_scale=True,
-               desc=f"capture {host}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=num_tokens, initial=skipped, unit="tok", unit_scale=True, desc=f"capture {host}",
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     pending = None  # (chunk, write futures): the previous chunk's writes overlap this chunk's forward
 
     def finish(item):
@@ -332,7 +341,8 @@ def capture(
         padded = -(-n // batch_size) * batch_size  # pad to whole batches: one compiled shape
         ids_padded = np.concatenate([ids, np.zeros((padded - n, ctx_len), np.int32)])
         # Dispatch every batch first, then fetch: the device never waits on the host copy.
-        outs = jax.device_get([fwd(params, ids_padded[b:b + batch_size]) for b in range(0, padded, batch_size)])
+        outs = jax.device_get([fwd(params, jax.device_put(ids_padded[b:b + batch_size], rows))
+                               for b in range(0, padded, batch_size)])
         futures = [tok_array[lo:hi].write(ids.reshape(-1))]
         futures += [arrays[p][lo:hi].write(np.concatenate([o[p] for o in outs])[: hi - lo]) for p in points]
         if pending is not None:
@@ -584,10 +594,12 @@ def capture_from_config(cfg) -> str:
     windows = token_data.window_dataset(train_cache, cfg.data.ctx_len, seed=cfg.data.seed,
                                         batch_size=cfg.capture.windows)[0]
     source = {"token_cache": _cache_id(train_cache), "seed": cfg.data.seed, "windows": cfg.capture.windows}
-    return capture(str(folder), windows, Path(cfg.run_dir) / "activations", layer=cfg.model.layer,
+    path = capture(str(folder), windows, Path(cfg.run_dir) / "activations", layer=cfg.model.layer,
                    points=sorted(set(points_for(cfg.sparse.kind))), dtype=cfg.capture.dtype,
                    batch_size=cfg.capture.batch_size, chunk_windows=cfg.capture.chunk_windows, source=source,
                    model_dtype=cfg.model.dtype, process_index=jax.process_index(), process_count=jax.process_count())
+    distributed.barrier("capture")  # the store is complete only when every host has written its share
+    return path
 
 
 def _cache_id(token_file) -> str:

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError
-from nlrw_jax.io import save_npz, write_json
+from nlrw_jax.errors import UserError, bars_cleared_on_error
+from nlrw_jax.io import read_json_object, save_npz, write_json
 from nlrw_jax.sparse import coder as sc
 
 DECILES = 10
@@ -266,7 +266,7 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
     final, partial = out / "examples.npz", out / "partial.npz"
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
-        if json.loads(manifest_path.read_text()) != manifest:
+        if read_json_object(manifest_path, f"delete {out} and rerun `nlrw examples`") != manifest:
             if final.exists():
                 raise UserError(f"{out}: examples of another transcoder, store or examples config; delete the folder "
                                 f"or use a new run_dir")
@@ -275,7 +275,7 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
             return final
     write_json(manifest_path, manifest)
 
-    saved = dict(np.load(partial)) if partial.exists() else {}
+    saved = _read_partial(partial)
     if saved and (saved["coder"].item() != coder_hash):
         saved = {}
     m_neg = max(e.non_activating, 1)
@@ -291,25 +291,26 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
                unit="chunk", disable=not progress or jax.process_index() != 0)
     last_save = time.monotonic()
     edges = None
-    for p in (1, 2):
-        if p < pass_no:
-            continue
-        if p == 2:
-            edges = jnp.asarray(decile_edges(np.asarray(stats["hist"])))
-        for c in range(next_chunk if p == pass_no else 0, len(chunks)):
-            start, stop = chunks[c]
-            if start % width or (stop - start) % width:
-                raise UserError(f"store chunk [{start}, {stop}) is not a whole number of {width}-token windows")
-            x = jnp.asarray(rows.inputs(start, stop))
-            if p == 1:
-                stats = _pass1(params, x, stats, k=meta["k"], kind=meta["kind"], width=width)
-            else:
-                state = _pass2(params, x, jnp.int32(start // width), edges, state, e.seed, k=meta["k"],
-                               kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
-            bar.update(1)
-            if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
-                save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
-                last_save = time.monotonic()
+    with bars_cleared_on_error(bar):
+        for p in (1, 2):
+            if p < pass_no:
+                continue
+            if p == 2:
+                edges = jnp.asarray(decile_edges(np.asarray(stats["hist"])))
+            for c in range(next_chunk if p == pass_no else 0, len(chunks)):
+                start, stop = chunks[c]
+                if start % width or (stop - start) % width:
+                    raise UserError(f"store chunk [{start}, {stop}) is not a whole number of {width}-token windows")
+                x = jnp.asarray(rows.inputs(start, stop))
+                if p == 1:
+                    stats = _pass1(params, x, stats, k=meta["k"], kind=meta["kind"], width=width)
+                else:
+                    state = _pass2(params, x, jnp.int32(start // width), edges, state, e.seed, k=meta["k"],
+                                   kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
+                bar.update(1)
+                if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
+                    save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
+                    last_save = time.monotonic()
     bar.close()
 
     stats, state = jax.device_get(stats), jax.device_get(state)
@@ -327,12 +328,34 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
     return final
 
 
+def _read_partial(partial: Path) -> dict:
+    """The saved state of an unfinished sweep; an unreadable one (written atomically, so damaged
+    from outside) is only lost work: the sweep starts over."""
+    if not partial.exists():
+        return {}
+    try:
+        with np.load(partial) as z:
+            saved = {k: z[k] for k in z.files}
+    except Exception:  # noqa: BLE001 - truncated, not a zip, not numpy
+        return {}
+    want = {"coder", "pass", "next_chunk", "token_count", "window_count", "max_act", "hist"}
+    if not want <= set(saved):
+        return {}
+    if int(saved["pass"]) == 2 and not set(_fresh_state(1, 1, 1)) <= set(saved):
+        return {}
+    return saved
+
+
 def _host_dict(stats, state, **scalars) -> dict:
     out = {k: np.asarray(v) for k, v in jax.device_get({**stats, **state}).items()}
     return {**out, **{k: np.asarray(v) for k, v in scalars.items()}}
 
 
 # ---------------------------------------------------------------------------- reading them back
+
+
+EXAMPLE_ARRAYS = ("token_count", "window_count", "frequency", "max_act", "decile_edges", "act_window", "act_value",
+                  "neg_window", "num_tokens", "window_tokens")
 
 
 class Examples:
@@ -342,9 +365,20 @@ class Examples:
         path = Path(cfg.run_dir) / "examples" / "examples.npz"
         if not path.exists():
             raise UserError(f"{path}: no examples; run `nlrw examples` first")
-        with np.load(path) as z:
-            self.data = {k: z[k] for k in z.files}
-        self.manifest = json.loads((path.parent / "manifest.json").read_text())
+        try:
+            with np.load(path) as z:
+                self.data = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - truncated, not a zip, not numpy
+            raise UserError(f"{path}: unreadable examples file ({type(e).__name__}); delete it and rerun "
+                            f"`nlrw examples`") from None
+        missing = sorted(set(EXAMPLE_ARRAYS) - set(self.data))
+        if missing:
+            raise UserError(f"{path}: not an examples file (missing {', '.join(missing)}); delete it and rerun "
+                            f"`nlrw examples`")
+        self.manifest = read_json_object(path.parent / "manifest.json", f"delete {path.parent} and rerun `nlrw examples`")
+        if not {"coder", "examples"} <= set(self.manifest):
+            raise UserError(f"{path.parent / 'manifest.json'}: not an examples manifest (no coder/examples); "
+                            f"delete {path.parent} and rerun `nlrw examples`")
         self.width = int(self.data["window_tokens"])
         self.params, self.meta, self.coder_hash = load_coder(cfg)
         if self.coder_hash != self.manifest["coder"]:

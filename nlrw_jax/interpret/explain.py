@@ -15,10 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError
+from nlrw_jax.errors import UserError, bars_cleared_on_error
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
-from nlrw_jax.io import append_batch, claim_run_folder, read_batches
+from nlrw_jax.io import append_batch, claim_run_folder, read_batches, read_json_object
 
 
 def chosen_latents(cfg, num_latents: int) -> list[int]:
@@ -78,27 +78,28 @@ def explain_from_config(cfg, progress: bool = True, backend=None) -> Path:
         backend = backend or make_backend(cfg.llm, progress)
         bar = tqdm(total=len(latents), initial=len(latents) - sum(len(batches[b]) for b in todo),
                    desc="explain", unit="latent", disable=not progress)
-        for b in todo:
-            records, prompts, slots = [], [], []
-            for latent in batches[b]:
-                windows = ex.activating(latent, e.examples_per_decile)
-                if not windows:
-                    records.append({"latent": latent, "explanation": None, "skipped": "no activating examples"})
-                    continue
-                toks, acts = ex.windows(windows, latent)
-                messages = P.explainer_messages([(P.token_strings(tok, t), a) for t, a in zip(toks, acts)])
-                ids = backend.render(messages, P.EXPLANATION_PREFIX)
-                records.append({"latent": latent, "prompt_hash": hashlib.sha256(
-                    json.dumps(ids).encode()).hexdigest()[:16], "examples": len(windows)})
-                prompts.append(ids)
-                slots.append(len(records) - 1)
-            texts = backend.generate(prompts, e.max_tokens) if prompts else []
-            for slot, text in zip(slots, texts):
-                records[slot].update(explanation=P.parse_explanation(text), raw=text)
-            for r in records:
-                r.update(batch=b, model=cfg.llm.model)
-            append_batch(path, records)
-            bar.update(len(batches[b]))
+        with bars_cleared_on_error(bar):
+            for b in todo:
+                records, prompts, slots = [], [], []
+                for latent in batches[b]:
+                    windows = ex.activating(latent, e.examples_per_decile)
+                    if not windows:
+                        records.append({"latent": latent, "explanation": None, "skipped": "no activating examples"})
+                        continue
+                    toks, acts = ex.windows(windows, latent)
+                    messages = P.explainer_messages([(P.token_strings(tok, t), a) for t, a in zip(toks, acts)])
+                    ids = backend.render(messages, P.EXPLANATION_PREFIX)
+                    records.append({"latent": latent, "prompt_hash": hashlib.sha256(
+                        json.dumps(ids).encode()).hexdigest()[:16], "examples": len(windows)})
+                    prompts.append(ids)
+                    slots.append(len(records) - 1)
+                texts = backend.generate(prompts, e.max_tokens) if prompts else []
+                for slot, text in zip(slots, texts):
+                    records[slot].update(explanation=P.parse_explanation(text), raw=text)
+                for r in records:
+                    r.update(batch=b, model=cfg.llm.model)
+                append_batch(path, records)
+                bar.update(len(batches[b]))
         bar.close()
     return path
 
@@ -112,11 +113,8 @@ def load_explanations(cfg) -> dict[int, str | None]:
     if not path.exists():
         raise UserError(f"{path}: no explanations; run `nlrw explain` first")
     manifest_path = out / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{manifest_path}: missing or unreadable; the explanations cannot be matched to a "
-                        f"transcoder") from None
+    manifest = read_json_object(manifest_path, "the explanations cannot be matched to a transcoder: rerun "
+                                               "`nlrw explain` in a new run_dir")
     _, _, coder_hash = load_coder(cfg)
     if manifest.get("coder") != coder_hash:
         raise UserError(f"{path}: explanations of another transcoder ({manifest.get('coder')}; this run's is "
@@ -125,7 +123,15 @@ def load_explanations(cfg) -> dict[int, str | None]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
             rec = json.loads(line)
-            result[int(rec["latent"])] = rec.get("explanation")
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{n}: not an explanation record") from None
+        except ValueError:
+            raise UserError(f"{path}:{n}: not a JSON record (a torn or garbled line); rerun `nlrw explain` to "
+                            f"redo its batch") from None
+        latent = rec.get("latent") if isinstance(rec, dict) else None
+        if not isinstance(latent, int) or isinstance(latent, bool):
+            raise UserError(f"{path}:{n}: not an explanation record (field 'latent' missing or not an integer)")
+        text = rec.get("explanation")
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{path}:{n}: field 'explanation' of latent {latent} is a {type(text).__name__}, "
+                            f"not a string or null")
+        result[latent] = text
     return result

@@ -73,19 +73,29 @@ class OpenAIBackend(Backend):
         for ep in self.endpoints:
             try:
                 r = self.httpx.get(f"{ep.url}/models", timeout=min(cfg.timeout_s, 10.0))
-                r.raise_for_status()
-                ids = [m["id"] for m in r.json()["data"]]
-                if cfg.served_model and cfg.served_model not in ids:
-                    raise UserError(f"llm.served_model {cfg.served_model!r} is not served by {ep.url} "
-                                    f"(it serves {ids})")
-                served = served or (cfg.served_model or ids[0])
-            except UserError:
-                raise
-            except Exception as e:
+            except Exception as e:  # connection refused, timeout, bad URL
                 ep.fail(cfg.backoff_s)
                 errors.append(f"{ep.url} ({type(e).__name__})")
+                continue
+            if not 200 <= r.status_code < 300:
+                ep.fail(cfg.backoff_s)
+                hint = "; is the URL the API's base, like http://host:8000/v1?" if r.status_code == 404 else ""
+                errors.append(f"{ep.url} (GET /models: HTTP {r.status_code}{hint})")
+                continue
+            try:
+                ids = [str(m["id"]) for m in r.json()["data"]]
+                if not ids:
+                    raise ValueError("no models")
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                ep.fail(cfg.backoff_s)
+                errors.append(f"{ep.url} (GET /models: not an OpenAI model list: {type(e).__name__})")
+                continue
+            if cfg.served_model and cfg.served_model not in ids:
+                raise UserError(_one_line(f"llm.served_model {cfg.served_model!r} is not served by {ep.url} "
+                                          f"(it serves {ids})"))
+            served = served or (cfg.served_model or ids[0])
         if served is None:
-            raise UserError(f"no LLM endpoint reachable: {', '.join(errors)}")
+            raise UserError(_one_line(f"no LLM endpoint reachable: {', '.join(errors)}"))
         return served
 
     # ------------------------------------------------------------------------------- requests
@@ -135,6 +145,7 @@ class OpenAIBackend(Backend):
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         bar, own = self._bar(bar, len(bodies), "requests")
         limits = self.httpx.Limits(max_connections=self.cfg.max_concurrency)
+        failed = True
         try:
             async with self.httpx.AsyncClient(limits=limits) as client:
                 async def one(i):
@@ -152,8 +163,11 @@ class OpenAIBackend(Backend):
                     for t in tasks:
                         t.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling
+            failed = False
         finally:
             if own:
+                if failed:  # erased, not left half-drawn: the error is the one line left on the terminal
+                    bar.leave = False
                 bar.close()
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:

@@ -73,11 +73,11 @@ def true_nonzero(cfg, latents: np.ndarray, progress: bool = True) -> tuple[list[
 
 
 def calibrate_from_config(cfg, progress: bool = True) -> Path:
-    preds = S.load_predictions(cfg)
-    sizes = calibration_sizes(cfg)
-    if cfg.calibrate.estimator not in Q.METHODS:
+    if cfg.calibrate.estimator not in Q.METHODS:  # config first: no need for the predictions to say so
         raise UserError(f"config key calibrate.estimator: {cfg.calibrate.estimator!r} is not one of "
                         f"{sorted(Q.METHODS)}")
+    sizes = calibration_sizes(cfg)
+    preds = S.load_predictions(cfg)
     out = calibrate_dir(cfg)
     claim_run_folder(out, {"predictions": file_hash(S.sim_dir(cfg) / "manifest.json"),
                            "calibrate": config_hash(cfg.calibrate), "readout": cfg.simulate.readout})

@@ -163,7 +163,8 @@ def evaluate_from_config(cfg, progress: bool = True) -> Path:
     dtype = jnp.dtype(cfg.model.dtype)
     config, lm_params = hf.load(folder, dtype=dtype)
     fn = make_patched_ce(GPTNeoX(config, dtype=dtype), cfg.model.layer, ex.meta["kind"], ex.meta["k"])
-    mesh = make_mesh(cfg.mesh.data, 1)
+    # Single-host work: in a multi-host run process 0 does it on its own devices.
+    mesh = make_mesh(cfg.mesh.data, 1) if jax.process_count() == 1 else make_mesh(-1, 1, jax.local_devices())
     rep, data = replicated(mesh), batch_sharding(mesh)
     lm_params, coder, masks_d = jax.device_put((lm_params, ex.params, masks), rep)
     bs = e.batch_size

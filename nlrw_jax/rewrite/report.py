@@ -590,6 +590,21 @@ def plot_sweep(res: dict, path: Path) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _check_results(res, path: Path) -> None:
+    """What every part of the report needs: a list of conditions, each named and with its CE (the
+    rest of results.json may be missing; those parts of the report then say n/a)."""
+    if not isinstance(res, dict):
+        raise UserError(f"{path}: not a JSON object; rerun `nlrw evaluate`")
+    conditions = res.get("conditions")
+    if not isinstance(conditions, list) or not conditions:
+        raise UserError(f"{path}: no conditions (field 'conditions' missing or empty); rerun `nlrw evaluate`")
+    for i, c in enumerate(conditions):
+        ce = c.get("ce") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(ce, (int, float)) \
+                or isinstance(ce, bool):
+            raise UserError(f"{path}: conditions[{i}] lacks a name or a numeric ce; rerun `nlrw evaluate`")
+
+
 def report_from_config(cfg, progress: bool = True) -> Path:
     run_dir = Path(cfg.run_dir)
     ev = run_dir / "evaluate"
@@ -600,10 +615,15 @@ def report_from_config(cfg, progress: bool = True) -> Path:
         res = json.loads(res_path.read_text())
     except ValueError as e:
         raise UserError(f"{res_path} is not valid JSON ({e}); rerun `nlrw evaluate`") from None
+    _check_results(res, res_path)
     values = None
     if (ev / "values.npz").exists():
-        with np.load(ev / "values.npz") as z:
-            values = {k: z[k] for k in z.files}
+        try:
+            with np.load(ev / "values.npz") as z:
+                values = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - truncated, not a zip, not numpy
+            raise UserError(f"{ev / 'values.npz'}: unreadable ({type(e).__name__}); rerun `nlrw evaluate` or "
+                            f"delete it (the report is then made without the distribution plot)") from None
     run = _Run(res, values)
 
     out = report_dir(cfg)

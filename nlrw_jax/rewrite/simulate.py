@@ -25,9 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError
+from nlrw_jax.errors import UserError, bars_cleared_on_error
 from nlrw_jax.interpret import prompts as P
-from nlrw_jax.io import claim_run_folder, file_hash, save_npz
+from nlrw_jax.io import claim_run_folder, file_hash, read_json_object, save_npz
 
 ORDERS = ("window_first", "explanation_first")
 READOUTS = ("renormalised", "reference")
@@ -83,8 +83,17 @@ def load_contexts(cfg) -> dict:
     path = sim_dir(cfg) / "contexts.npz"
     if not path.exists():
         raise UserError(f"{path}: no simulation contexts; run `nlrw simulate` first")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path) as z:
+            contexts = {k: z[k] for k in z.files}
+    except Exception as e:  # truncated, not a zip, not numpy
+        raise UserError(f"{path}: unreadable simulation contexts ({type(e).__name__}); delete the simulate folder "
+                        f"and rerun `nlrw simulate`") from None
+    missing = sorted({"windows", "positions", "n_eval", "top_acts", "top_idx"} - set(contexts))
+    if missing:
+        raise UserError(f"{path}: not simulation contexts (missing {', '.join(missing)}); delete the simulate "
+                        f"folder and rerun `nlrw simulate`")
+    return contexts
 
 
 def true_values(contexts: dict, latents: np.ndarray) -> np.ndarray:
@@ -164,18 +173,19 @@ def simulate_from_config(cfg, shard: int | None = None, num_shards: int = 1, pro
                         for c0, c1, l0, l1 in (grid[k] for k in todo))
         bar = tqdm(total=n_prompts, desc=f"simulate ({len(todo)} of {len(grid)} shards)", unit="prediction",
                    disable=not progress, smoothing=0.1)
-        for k in todo:
-            c0, c1, l0, l1 = grid[k]
-            lat = latents[l0:l1]
-            prompts, pairs = _prompts(backend, tok, explanations, lat, contexts, cfg.examples.window_tokens, c0, c1,
-                                     s.order)
-            logprobs = np.full((c1 - c0, l1 - l0, len(P.DIGITS)), -np.inf, np.float32)
-            if prompts:
-                got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
-                for (c, j), row in zip(pairs, got):
-                    logprobs[c - c0, j] = row
-            _check_finite_or_inf(logprobs, lat, f"shard {k}")
-            save_npz(_shard_path(out, k), dict(logprobs=logprobs, contexts=np.array([c0, c1]), latents=lat))
+        with bars_cleared_on_error(bar):
+            for k in todo:
+                c0, c1, l0, l1 = grid[k]
+                lat = latents[l0:l1]
+                prompts, pairs = _prompts(backend, tok, explanations, lat, contexts, cfg.examples.window_tokens,
+                                          c0, c1, s.order)
+                logprobs = np.full((c1 - c0, l1 - l0, len(P.DIGITS)), -np.inf, np.float32)
+                if prompts:
+                    got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
+                    for (c, j), row in zip(pairs, got):
+                        logprobs[c - c0, j] = row
+                _check_finite_or_inf(logprobs, lat, f"shard {k}")
+                save_npz(_shard_path(out, k), dict(logprobs=logprobs, contexts=np.array([c0, c1]), latents=lat))
         bar.close()
     return out
 
@@ -205,7 +215,9 @@ def load_predictions(cfg) -> dict:
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: no predictions; run `nlrw simulate` first")
-    old, now = json.loads(manifest_path.read_text()), _identity(cfg)
+    old = read_json_object(manifest_path, f"the predictions cannot be matched to this run: delete {out} and rerun "
+                                          f"`nlrw simulate`")
+    now = _identity(cfg)
     differs = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
     if differs:
         raise UserError(f"{out}: predictions from another run (differs: {', '.join(differs)}); rerun "

@@ -21,11 +21,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from nlrw_jax import distributed
 from nlrw_jax.config import Config, config_hash
 from nlrw_jax.errors import UserError
 from nlrw_jax.io import abstract_like, claim_run_folder, restore_checkpoint, truncate_jsonl, write_json
 from nlrw_jax.models.gpt_neox import DTYPES, GPTNeoX, token_cross_entropy
-from nlrw_jax.parallel import make_mesh
+from nlrw_jax.parallel import batch_sharding, global_batch, make_mesh, replicated
 from nlrw_jax.sparse import coder
 from nlrw_jax.sparse.sparsify_format import save_sparsify
 
@@ -151,11 +152,14 @@ def make_spliced_ce(model: GPTNeoX, layer: int, kind: str, k: int):
     return ce_sums
 
 
-def spliced_eval(ce_sums, lm_params, coder_params, windows: np.ndarray, batch_size: int) -> dict:
+def spliced_eval(ce_sums, lm_params, coder_params, windows: np.ndarray, batch_size: int, mesh=None) -> dict:
+    """`mesh`: split each batch over its 'data' axis (every process passes the same windows)."""
     totals = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
     usable = len(windows) - len(windows) % batch_size or len(windows)
+    split = mesh is not None and batch_size % mesh.shape["data"] == 0 and usable % batch_size == 0
+    place = (lambda w: jax.device_put(w, batch_sharding(mesh) if split else replicated(mesh))) if mesh else jnp.asarray
     for start in range(0, usable, batch_size):
-        sums = ce_sums(lm_params, coder_params, jnp.asarray(windows[start:start + batch_size]))
+        sums = ce_sums(lm_params, coder_params, place(windows[start:start + batch_size]))
         for name in totals:
             totals[name] += float(sums[name])
     count = usable * (windows.shape[1] - 1)
@@ -174,8 +178,14 @@ def _on_the_fly_batches(cfg: Config, model: GPTNeoX, lm_params, train_cache, sta
     if s.batch_tokens % cfg.data.ctx_len:
         raise UserError(f"sparse.batch_tokens {s.batch_tokens} must be a multiple of data.ctx_len {cfg.data.ctx_len} "
                         f"for sparse.source=on_the_fly")
+    windows = s.batch_tokens // cfg.data.ctx_len
+    if windows % jax.process_count():
+        raise UserError(f"sparse.batch_tokens {s.batch_tokens} is {windows} windows, which do not split over "
+                        f"{jax.process_count()} processes")
+    # Each host reads and runs only its own windows of every step.
     dataset = token_data.window_dataset(train_cache, cfg.data.ctx_len, seed=s.seed,
-                                        batch_size=s.batch_tokens // cfg.data.ctx_len)
+                                        batch_size=windows // jax.process_count(),
+                                        process_index=jax.process_index(), process_count=jax.process_count())
     in_pt, out_pt = points_for(s.kind)
 
     @jax.jit
@@ -188,7 +198,7 @@ def _on_the_fly_batches(cfg: Config, model: GPTNeoX, lm_params, train_cache, sta
 
     step = start_step
     while True:
-        yield activations(jnp.asarray(dataset[step]))
+        yield jax.device_get(activations(jnp.asarray(dataset[step])))
         step += 1
 
 
@@ -201,8 +211,10 @@ def _store_batches(cfg: Config, store_path: Path, start_step: int):
     if store.manifest["layer"] != cfg.model.layer or not {in_pt, out_pt} <= set(store.points):
         raise UserError(f"activation store {store_path} holds {store.points} of layer {store.manifest['layer']}, "
                         f"but training needs {sorted({in_pt, out_pt})} of layer {cfg.model.layer}")
+    # Every host reads the same shuffled stream and keeps its block of rows of each batch.
+    n, p = s.batch_tokens // jax.process_count(), jax.process_index()
     for batch in store.batches(sorted({in_pt, out_pt}), s.batch_tokens, seed=s.seed, start_batch=start_step):
-        yield batch[in_pt], batch[out_pt]
+        yield batch[in_pt][p * n:(p + 1) * n], batch[out_pt][p * n:(p + 1) * n]
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -220,7 +232,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     run_dir = Path(cfg.run_dir).absolute()
     out_dir = run_dir / "sparse"
     out_dir.mkdir(parents=True, exist_ok=True)
-    claim_run_folder(out_dir, {"model": config_hash(cfg.model), "data": config_hash(cfg.data),
+    if distributed.is_primary():
+        claim_run_folder(out_dir, {"model": config_hash(cfg.model), "data": config_hash(cfg.data),
                                "sparse": config_hash(cfg.sparse)})
     folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
     tokenizer = load_tokenizer(token_data.subject_tokenizer_path(folder, cfg.data.tokenizer))
@@ -238,17 +251,22 @@ def train(cfg: Config, progress: bool = True) -> dict:
     else:
         raise UserError(f"config key sparse.source: {s.source!r} is not one of ['store', 'on_the_fly']")
 
+    if s.batch_tokens % jax.process_count():
+        raise UserError(f"sparse.batch_tokens {s.batch_tokens} must split over {jax.process_count()} processes")
     x, y = next(batches)
     if x.shape[-1] != lm_config.hidden_size:
         raise UserError(f"activation store {run_dir / 'activations'} has width {x.shape[-1]}, but the model's "
                         f"hidden size is {lm_config.hidden_size}")
-    state = trainer.init_state(jax.random.PRNGKey(s.seed), jax.device_put(x, trainer.batch_sharding),
-                               jax.device_put(y, trainer.batch_sharding))
+    # Each host holds its rows of the batch; together they form one global array over 'data'.
+    mesh = trainer.mesh
+    state = trainer.init_state(jax.random.PRNGKey(s.seed), global_batch(mesh, x), global_batch(mesh, y))
     if start:
         state = restore_checkpoint(manager, start, ocp.args.StandardRestore(abstract_like(state)))
     metrics_path = out_dir / "metrics.jsonl"
-    truncate_jsonl(metrics_path, start)
+    if distributed.is_primary():
+        truncate_jsonl(metrics_path, start)
     ce_sums = make_spliced_ce(model, cfg.model.layer, s.kind, s.k)
+    lm_params = jax.device_put(lm_params, replicated(mesh))  # the spliced eval runs on the whole mesh
 
     bar = tqdm(total=s.steps * s.batch_tokens, initial=start * s.batch_tokens, desc=f"train {s.kind}", unit="tok",
                unit_scale=True, disable=not progress or jax.process_index() != 0)
@@ -256,15 +274,15 @@ def train(cfg: Config, progress: bool = True) -> dict:
     for step in range(start + 1, s.steps + 1):
         if step > start + 1:
             x, y = next(batches)
-        state, m = trainer.train_step(state, jax.device_put(x, trainer.batch_sharding),
-                                      jax.device_put(y, trainer.batch_sharding))
+        state, m = trainer.train_step(state, global_batch(mesh, x), global_batch(mesh, y))
         bar.update(s.batch_tokens)
         if step % s.log_every == 0 or step == s.steps:
             record = {"step": step, **{k: float(v) for k, v in m.items()}}
             record["tokens_per_s"] = (step - last) * s.batch_tokens / (time.perf_counter() - t0)
             t0, last = time.perf_counter(), step
             if step % s.eval_every == 0 or step == s.steps:
-                record.update(spliced_eval(ce_sums, lm_params, state["params"], val_windows, cfg.eval.batch_size))
+                record.update(spliced_eval(ce_sums, lm_params, state["params"], val_windows, cfg.eval.batch_size,
+                                           mesh))
             bar.set_postfix(fvu=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
             if jax.process_index() == 0:
                 with metrics_path.open("a") as f:
@@ -273,9 +291,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
     manager.wait_until_finished()
     bar.close()
 
-    final = spliced_eval(ce_sums, lm_params, state["params"], val_windows, cfg.eval.batch_size)
-    if jax.process_index() == 0:
-        save_sparsify(jax.device_get(state["params"]), out_dir / "sparsify", k=s.k, kind=s.kind,
+    final = spliced_eval(ce_sums, lm_params, state["params"], val_windows, cfg.eval.batch_size, mesh)
+    params = distributed.gather(state["params"])  # collective: every process takes part
+    if distributed.is_primary():
+        save_sparsify(params, out_dir / "sparsify", k=s.k, kind=s.kind,
                       d_in=lm_config.hidden_size, num_latents=s.num_latents)
         write_json(out_dir / "summary.json", {"steps": s.steps, "tokens": s.steps * s.batch_tokens, **final})
     return final
