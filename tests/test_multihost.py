@@ -125,3 +125,16 @@ def test_two_processes_equal_one(tmp_path):
     assert w1.keys() == w2.keys()
     for name in w1:
         np.testing.assert_allclose(w2[name], w1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_the_fly_like_one(tmp_path):
+    """sparse.source=on_the_fly: each host runs the model on its own windows of every step."""
+    otf = [*MH, "sparse.source=on_the_fly", "sparse.steps=10", "sparse.log_every=5", "sparse.checkpoint_every=100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _single("train", [f"run_dir={one}", *otf])
+    _finish(_start_pair("train", [f"run_dir={two}", *otf]))
+    assert not (two / "activations").exists()
+    for r1, r2 in zip(_metrics(one), _metrics(two), strict=True):
+        for k in r1:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), (r1["step"], k)

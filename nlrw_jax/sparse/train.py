@@ -198,7 +198,7 @@ def _on_the_fly_batches(cfg: Config, model: GPTNeoX, lm_params, train_cache, sta
 
     step = start_step
     while True:
-        yield jax.device_get(activations(jnp.asarray(dataset[step])))
+        yield activations(jnp.asarray(dataset[step]))  # this host's rows, still on its device
         step += 1
 
 
