@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from nlrw_jax.errors import UserError
+from nlrw_jax.errors import UserError, clear_progress_bars
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         return args.fn(args)
     except UserError as e:
+        clear_progress_bars()
         print(f"nlrw: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -60,6 +60,24 @@ def read_json_object(path: Path, fix: str) -> dict:
     return obj
 
 
+def read_npz(path: Path, fix: str, needed=()) -> dict:
+    """Every array of an .npz a stage wrote; unreadable (truncated, not a zip) or lacking one of
+    `needed` is a one-line error naming the file and how to fix it."""
+    import numpy as np
+
+    from nlrw_jax.errors import UserError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any damage to the file is the user's to fix
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); {fix}") from None
+    missing = sorted(set(needed) - set(arrays))
+    if missing:
+        raise UserError(f"{path}: missing array(s) {', '.join(missing)}; {fix}")
+    return arrays
+
+
 def claim_run_folder(folder: Path, sections: dict) -> None:
     """A stage's run folder belongs to one config: resuming it with another is an error, not a mix.
     `sections` maps what the folder depends on (config sections, the transcoder, the LLM) to

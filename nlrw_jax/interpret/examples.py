@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError, bars_cleared_on_error
-from nlrw_jax.io import read_json_object, save_npz, write_json
+from nlrw_jax.errors import UserError
+from nlrw_jax.io import read_json_object, read_npz, save_npz, write_json
 from nlrw_jax.sparse import coder as sc
 
 DECILES = 10
@@ -291,26 +291,25 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
                unit="chunk", disable=not progress or jax.process_index() != 0)
     last_save = time.monotonic()
     edges = None
-    with bars_cleared_on_error(bar):
-        for p in (1, 2):
-            if p < pass_no:
-                continue
-            if p == 2:
-                edges = jnp.asarray(decile_edges(np.asarray(stats["hist"])))
-            for c in range(next_chunk if p == pass_no else 0, len(chunks)):
-                start, stop = chunks[c]
-                if start % width or (stop - start) % width:
-                    raise UserError(f"store chunk [{start}, {stop}) is not a whole number of {width}-token windows")
-                x = jnp.asarray(rows.inputs(start, stop))
-                if p == 1:
-                    stats = _pass1(params, x, stats, k=meta["k"], kind=meta["kind"], width=width)
-                else:
-                    state = _pass2(params, x, jnp.int32(start // width), edges, state, e.seed, k=meta["k"],
-                                   kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
-                bar.update(1)
-                if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
-                    save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
-                    last_save = time.monotonic()
+    for p in (1, 2):
+        if p < pass_no:
+            continue
+        if p == 2:
+            edges = jnp.asarray(decile_edges(np.asarray(stats["hist"])))
+        for c in range(next_chunk if p == pass_no else 0, len(chunks)):
+            start, stop = chunks[c]
+            if start % width or (stop - start) % width:
+                raise UserError(f"store chunk [{start}, {stop}) is not a whole number of {width}-token windows")
+            x = jnp.asarray(rows.inputs(start, stop))
+            if p == 1:
+                stats = _pass1(params, x, stats, k=meta["k"], kind=meta["kind"], width=width)
+            else:
+                state = _pass2(params, x, jnp.int32(start // width), edges, state, e.seed, k=meta["k"],
+                               kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
+            bar.update(1)
+            if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
+                save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
+                last_save = time.monotonic()
     bar.close()
 
     stats, state = jax.device_get(stats), jax.device_get(state)
@@ -365,16 +364,7 @@ class Examples:
         path = Path(cfg.run_dir) / "examples" / "examples.npz"
         if not path.exists():
             raise UserError(f"{path}: no examples; run `nlrw examples` first")
-        try:
-            with np.load(path) as z:
-                self.data = {k: z[k] for k in z.files}
-        except Exception as e:  # noqa: BLE001 - truncated, not a zip, not numpy
-            raise UserError(f"{path}: unreadable examples file ({type(e).__name__}); delete it and rerun "
-                            f"`nlrw examples`") from None
-        missing = sorted(set(EXAMPLE_ARRAYS) - set(self.data))
-        if missing:
-            raise UserError(f"{path}: not an examples file (missing {', '.join(missing)}); delete it and rerun "
-                            f"`nlrw examples`")
+        self.data = read_npz(path, "delete it and rerun `nlrw examples`", EXAMPLE_ARRAYS)
         self.manifest = read_json_object(path.parent / "manifest.json", f"delete {path.parent} and rerun `nlrw examples`")
         if not {"coder", "examples"} <= set(self.manifest):
             raise UserError(f"{path.parent / 'manifest.json'}: not an examples manifest (no coder/examples); "

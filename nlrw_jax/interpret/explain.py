@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError, bars_cleared_on_error
+from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
 from nlrw_jax.io import append_batch, claim_run_folder, read_batches, read_json_object
@@ -78,28 +78,27 @@ def explain_from_config(cfg, progress: bool = True, backend=None) -> Path:
         backend = backend or make_backend(cfg.llm, progress)
         bar = tqdm(total=len(latents), initial=len(latents) - sum(len(batches[b]) for b in todo),
                    desc="explain", unit="latent", disable=not progress)
-        with bars_cleared_on_error(bar):
-            for b in todo:
-                records, prompts, slots = [], [], []
-                for latent in batches[b]:
-                    windows = ex.activating(latent, e.examples_per_decile)
-                    if not windows:
-                        records.append({"latent": latent, "explanation": None, "skipped": "no activating examples"})
-                        continue
-                    toks, acts = ex.windows(windows, latent)
-                    messages = P.explainer_messages([(P.token_strings(tok, t), a) for t, a in zip(toks, acts)])
-                    ids = backend.render(messages, P.EXPLANATION_PREFIX)
-                    records.append({"latent": latent, "prompt_hash": hashlib.sha256(
-                        json.dumps(ids).encode()).hexdigest()[:16], "examples": len(windows)})
-                    prompts.append(ids)
-                    slots.append(len(records) - 1)
-                texts = backend.generate(prompts, e.max_tokens) if prompts else []
-                for slot, text in zip(slots, texts):
-                    records[slot].update(explanation=P.parse_explanation(text), raw=text)
-                for r in records:
-                    r.update(batch=b, model=cfg.llm.model)
-                append_batch(path, records)
-                bar.update(len(batches[b]))
+        for b in todo:
+            records, prompts, slots = [], [], []
+            for latent in batches[b]:
+                windows = ex.activating(latent, e.examples_per_decile)
+                if not windows:
+                    records.append({"latent": latent, "explanation": None, "skipped": "no activating examples"})
+                    continue
+                toks, acts = ex.windows(windows, latent)
+                messages = P.explainer_messages([(P.token_strings(tok, t), a) for t, a in zip(toks, acts)])
+                ids = backend.render(messages, P.EXPLANATION_PREFIX)
+                records.append({"latent": latent, "prompt_hash": hashlib.sha256(
+                    json.dumps(ids).encode()).hexdigest()[:16], "examples": len(windows)})
+                prompts.append(ids)
+                slots.append(len(records) - 1)
+            texts = backend.generate(prompts, e.max_tokens) if prompts else []
+            for slot, text in zip(slots, texts):
+                records[slot].update(explanation=P.parse_explanation(text), raw=text)
+            for r in records:
+                r.update(batch=b, model=cfg.llm.model)
+            append_batch(path, records)
+            bar.update(len(batches[b]))
         bar.close()
     return path
 

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError, bars_cleared_on_error
+from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret.examples import Examples
 from nlrw_jax.interpret.explain import latent_batches, llm_identity, load_explanations, subject_tokenizer
@@ -108,40 +108,39 @@ def score_from_config(cfg, progress: bool = True, backend=None) -> Path:
         total = sum(2 * per_latent for b in todo for _ in batches[b])
         bar = tqdm(total=total, desc="score (detection + fuzzing)", unit="prompt", disable=not progress,
                    smoothing=0.1)
-        with bars_cleared_on_error(bar):
-            for b in todo:
-                records, prompts, spans = [], [], []
-                for latent in batches[b]:
-                    expl = explanations[latent]
-                    act_ids = [int(w) for w in ex.data["act_window"][latent, ::-1,
-                                                                    e.examples_per_decile:][:, :s.activating_per_decile]
-                               .reshape(-1) if w >= 0]
-                    neg_ids = ex.non_activating(latent, s.non_activating)
-                    if expl is None or not act_ids:
-                        records.append({"latent": latent, "skipped": "no explanation" if expl is None
-                                        else "no activating examples for scoring"})
-                        bar.total -= 2 * per_latent
-                        continue
-                    toks, acts = ex.windows(act_ids + neg_ids, latent)
-                    pieces = [P.token_strings(tok, t) for t in toks]
-                    labels = np.array([1] * len(act_ids) + [0] * len(neg_ids))
-                    rng = np.random.default_rng([cfg.explain.seed, latent])
-                    real, fake = _fuzz_marks(rng, acts[:len(act_ids)], ex.width, len(neg_ids))
-                    det = [backend.render(P.detection_messages(expl, pc), P.ANSWER_PREFIX) for pc in pieces]
-                    fuz = [backend.render(P.fuzzing_messages(expl, pc, m), P.ANSWER_PREFIX)
-                           for pc, m in zip(pieces, real + fake)]
-                    records.append({"latent": latent, "labels": labels.tolist()})
-                    spans.append((len(records) - 1, len(prompts), len(det)))
-                    prompts += det + fuz
-                    bar.total += 2 * len(labels) - 2 * per_latent
-                logprobs = backend.next_token_logprobs(prompts, P.BINARY, bar=bar) if prompts else None
-                for slot, start, n in spans:
-                    labels = np.array(records[slot].pop("labels"))
-                    records[slot]["detection"] = summarize(labels, logprobs[start:start + n])
-                    records[slot]["fuzzing"] = summarize(labels, logprobs[start + n:start + 2 * n])
-                for r in records:
-                    r["batch"] = b
-                append_batch(path, records)
+        for b in todo:
+            records, prompts, spans = [], [], []
+            for latent in batches[b]:
+                expl = explanations[latent]
+                act_ids = [int(w) for w in ex.data["act_window"][latent, ::-1,
+                                                                e.examples_per_decile:][:, :s.activating_per_decile]
+                           .reshape(-1) if w >= 0]
+                neg_ids = ex.non_activating(latent, s.non_activating)
+                if expl is None or not act_ids:
+                    records.append({"latent": latent, "skipped": "no explanation" if expl is None
+                                    else "no activating examples for scoring"})
+                    bar.total -= 2 * per_latent
+                    continue
+                toks, acts = ex.windows(act_ids + neg_ids, latent)
+                pieces = [P.token_strings(tok, t) for t in toks]
+                labels = np.array([1] * len(act_ids) + [0] * len(neg_ids))
+                rng = np.random.default_rng([cfg.explain.seed, latent])
+                real, fake = _fuzz_marks(rng, acts[:len(act_ids)], ex.width, len(neg_ids))
+                det = [backend.render(P.detection_messages(expl, pc), P.ANSWER_PREFIX) for pc in pieces]
+                fuz = [backend.render(P.fuzzing_messages(expl, pc, m), P.ANSWER_PREFIX)
+                       for pc, m in zip(pieces, real + fake)]
+                records.append({"latent": latent, "labels": labels.tolist()})
+                spans.append((len(records) - 1, len(prompts), len(det)))
+                prompts += det + fuz
+                bar.total += 2 * len(labels) - 2 * per_latent
+            logprobs = backend.next_token_logprobs(prompts, P.BINARY, bar=bar) if prompts else None
+            for slot, start, n in spans:
+                labels = np.array(records[slot].pop("labels"))
+                records[slot]["detection"] = summarize(labels, logprobs[start:start + n])
+                records[slot]["fuzzing"] = summarize(labels, logprobs[start + n:start + 2 * n])
+            for r in records:
+                r["batch"] = b
+            append_batch(path, records)
         bar.close()
         done = read_batches(path, {b: len(ls) for b, ls in enumerate(batches)})
     _write_tables(out, [r for b in sorted(done) for r in done[b]], len(latents))

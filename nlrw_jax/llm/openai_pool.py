@@ -145,30 +145,24 @@ class OpenAIBackend(Backend):
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         bar, own = self._bar(bar, len(bodies), "requests")
         limits = self.httpx.Limits(max_connections=self.cfg.max_concurrency)
-        failed = True
-        try:
-            async with self.httpx.AsyncClient(limits=limits) as client:
-                async def one(i):
-                    async with sem:
-                        res = await self._request(client, bodies[i], i)
-                    if results[i] is not None:  # an invariant, checked: each index is written once
-                        raise RuntimeError(f"prompt {i} answered twice")
-                    results[i] = res
-                    bar.update(1)
+        async with self.httpx.AsyncClient(limits=limits) as client:
+            async def one(i):
+                async with sem:
+                    res = await self._request(client, bodies[i], i)
+                if results[i] is not None:  # an invariant, checked: each index is written once
+                    raise RuntimeError(f"prompt {i} answered twice")
+                results[i] = res
+                bar.update(1)
 
-                tasks = [asyncio.ensure_future(one(i)) for i in range(len(bodies))]
-                try:
-                    await asyncio.gather(*tasks)
-                finally:
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling
-            failed = False
-        finally:
-            if own:
-                if failed:  # erased, not left half-drawn: the error is the one line left on the terminal
-                    bar.leave = False
-                bar.close()
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(bodies))]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling
+        if own:  # on failure it stays open: the CLI erases it before printing the error
+            bar.close()
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise RuntimeError(f"prompts {missing[:5]} got no answer")

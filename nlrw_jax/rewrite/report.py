@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import write_text
+from nlrw_jax.io import read_json_object, read_npz, write_text
 
 VARIANTS = ("raw", "normalised")
 SELECTIONS = ("top", "random")
@@ -590,11 +590,9 @@ def plot_sweep(res: dict, path: Path) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _check_results(res, path: Path) -> None:
+def _check_results(res: dict, path: Path) -> None:
     """What every part of the report needs: a list of conditions, each named and with its CE (the
     rest of results.json may be missing; those parts of the report then say n/a)."""
-    if not isinstance(res, dict):
-        raise UserError(f"{path}: not a JSON object; rerun `nlrw evaluate`")
     conditions = res.get("conditions")
     if not isinstance(conditions, list) or not conditions:
         raise UserError(f"{path}: no conditions (field 'conditions' missing or empty); rerun `nlrw evaluate`")
@@ -611,19 +609,12 @@ def report_from_config(cfg, progress: bool = True) -> Path:
     res_path = ev / "results.json"
     if not res_path.exists():
         raise UserError(f"{res_path} does not exist; run `nlrw evaluate` first")
-    try:
-        res = json.loads(res_path.read_text())
-    except ValueError as e:
-        raise UserError(f"{res_path} is not valid JSON ({e}); rerun `nlrw evaluate`") from None
+    res = read_json_object(res_path, "rerun `nlrw evaluate`")
     _check_results(res, res_path)
     values = None
     if (ev / "values.npz").exists():
-        try:
-            with np.load(ev / "values.npz") as z:
-                values = {k: z[k] for k in z.files}
-        except Exception as e:  # noqa: BLE001 - truncated, not a zip, not numpy
-            raise UserError(f"{ev / 'values.npz'}: unreadable ({type(e).__name__}); rerun `nlrw evaluate` or "
-                            f"delete it (the report is then made without the distribution plot)") from None
+        values = read_npz(ev / "values.npz", "rerun `nlrw evaluate` or delete it (the report is then made "
+                                             "without the distribution plot)")
     run = _Run(res, values)
 
     out = report_dir(cfg)

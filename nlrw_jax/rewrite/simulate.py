@@ -25,9 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from nlrw_jax.config import config_hash
-from nlrw_jax.errors import UserError, bars_cleared_on_error
+from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
-from nlrw_jax.io import claim_run_folder, file_hash, read_json_object, save_npz
+from nlrw_jax.io import claim_run_folder, file_hash, read_json_object, read_npz, save_npz
 
 ORDERS = ("window_first", "explanation_first")
 READOUTS = ("renormalised", "reference")
@@ -83,16 +83,8 @@ def load_contexts(cfg) -> dict:
     path = sim_dir(cfg) / "contexts.npz"
     if not path.exists():
         raise UserError(f"{path}: no simulation contexts; run `nlrw simulate` first")
-    try:
-        with np.load(path) as z:
-            contexts = {k: z[k] for k in z.files}
-    except Exception as e:  # truncated, not a zip, not numpy
-        raise UserError(f"{path}: unreadable simulation contexts ({type(e).__name__}); delete the simulate folder "
-                        f"and rerun `nlrw simulate`") from None
-    missing = sorted({"windows", "positions", "n_eval", "top_acts", "top_idx"} - set(contexts))
-    if missing:
-        raise UserError(f"{path}: not simulation contexts (missing {', '.join(missing)}); delete the simulate "
-                        f"folder and rerun `nlrw simulate`")
+    contexts = read_npz(path, "delete the simulate folder and rerun `nlrw simulate`",
+                        ("windows", "positions", "n_eval", "top_acts", "top_idx"))
     return contexts
 
 
@@ -173,19 +165,18 @@ def simulate_from_config(cfg, shard: int | None = None, num_shards: int = 1, pro
                         for c0, c1, l0, l1 in (grid[k] for k in todo))
         bar = tqdm(total=n_prompts, desc=f"simulate ({len(todo)} of {len(grid)} shards)", unit="prediction",
                    disable=not progress, smoothing=0.1)
-        with bars_cleared_on_error(bar):
-            for k in todo:
-                c0, c1, l0, l1 = grid[k]
-                lat = latents[l0:l1]
-                prompts, pairs = _prompts(backend, tok, explanations, lat, contexts, cfg.examples.window_tokens,
-                                          c0, c1, s.order)
-                logprobs = np.full((c1 - c0, l1 - l0, len(P.DIGITS)), -np.inf, np.float32)
-                if prompts:
-                    got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
-                    for (c, j), row in zip(pairs, got):
-                        logprobs[c - c0, j] = row
-                _check_finite_or_inf(logprobs, lat, f"shard {k}")
-                save_npz(_shard_path(out, k), dict(logprobs=logprobs, contexts=np.array([c0, c1]), latents=lat))
+        for k in todo:
+            c0, c1, l0, l1 = grid[k]
+            lat = latents[l0:l1]
+            prompts, pairs = _prompts(backend, tok, explanations, lat, contexts, cfg.examples.window_tokens,
+                                      c0, c1, s.order)
+            logprobs = np.full((c1 - c0, l1 - l0, len(P.DIGITS)), -np.inf, np.float32)
+            if prompts:
+                got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
+                for (c, j), row in zip(pairs, got):
+                    logprobs[c - c0, j] = row
+            _check_finite_or_inf(logprobs, lat, f"shard {k}")
+            save_npz(_shard_path(out, k), dict(logprobs=logprobs, contexts=np.array([c0, c1]), latents=lat))
         bar.close()
     return out
 
@@ -233,12 +224,8 @@ def load_predictions(cfg) -> dict:
     logprobs = np.empty((len(contexts["positions"]), len(latents), len(P.DIGITS)), np.float32)
     for k, (c0, c1, l0, l1) in enumerate(grid):
         path = _shard_path(out, k)
-        try:
-            with np.load(path) as z:
-                lp, crange, lat = z["logprobs"], z["contexts"], z["latents"]
-        except Exception as e:
-            raise UserError(f"{path}: unreadable shard ({type(e).__name__}); delete it and rerun `nlrw simulate`") \
-                from None
+        shard = read_npz(path, "delete it and rerun `nlrw simulate`", ("logprobs", "contexts", "latents"))
+        lp, crange, lat = shard["logprobs"], shard["contexts"], shard["latents"]
         if list(crange) != [c0, c1] or not np.array_equal(lat, latents[l0:l1]) or lp.shape != (c1 - c0, l1 - l0, 10):
             raise UserError(f"{path}: covers other contexts/latents than shard {k} of this grid; delete it and rerun")
         _check_finite_or_inf(lp, lat, str(path))
