@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 
-from nlrw_jax.data import activations
+from nlrw_jax.data import capture as activations
 from nlrw_jax.models import hf
 from common import MODEL_SHAPES, random_model_folder, setup_cpu
 
@@ -58,7 +58,7 @@ def main():
     windows = np.random.default_rng(0).integers(0, config.vocab_size, (args.windows, args.seq)).astype(np.int32)
     batches = [windows[i:i + args.batch] for i in range(0, args.windows, args.batch)]
 
-    fwd = activations._forward_fn(config, args.layer, POINTS, "float32")
+    fwd = activations.forward_fn(config, args.layer, POINTS, "float32")
 
     def run_flax():
         # Dispatch all batches, then fetch: the same pattern `capture` uses per chunk.

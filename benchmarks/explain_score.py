@@ -10,7 +10,7 @@ windows (32 tokens) and activations, read by our Examples reader from the run fo
     scoring     1 window per decile (10, disjoint from the explainer's) + 10 non-activating,
                 each shown once to detection and once to fuzzing
 
-  ours    explain_from_config + score_from_config (llm.backend=vllm) on a copy of the run folder
+  ours    nlrw_jax.stages.explain + .score (llm.backend=vllm) on a copy of the run folder
           without explain/ and scores/, one engine shared by both stages (backend=)
   delphi  DefaultExplainer, then DetectionScorer + FuzzingScorer (delphi's Pipeline, Pipe and
           process_wrapper, wired as delphi's __main__ does), driven by delphi's Offline client,
@@ -76,7 +76,7 @@ def overrides(run_dir: Path, latents: list[int]) -> list[str]:
 def choose_latents(cfg, n: int) -> tuple[list[int], int]:
     """The first n (ascending) of the run's explained latents (explain.latents, seeded) whose example
     slots are full: 20 explainer windows, 10 scoring windows, 10 non-activating ones."""
-    from nlrw_jax.interpret.explain import chosen_latents
+    from nlrw_jax.stages.explain import chosen_latents
 
     with np.load(Path(cfg.run_dir) / "examples" / "examples.npz") as z:
         act, neg = z["act_window"], z["neg_window"]
@@ -132,7 +132,7 @@ class LLMCounter:
 
 
 def on_cpu() -> bool:
-    from nlrw_jax.llm.backends import _on_cpu
+    from nlrw_jax.llm.vllm_engine import _on_cpu
 
     return _on_cpu()
 
@@ -142,9 +142,8 @@ def on_cpu() -> bool:
 
 def run_ours(args) -> dict:
     from nlrw_jax.config import load_config
-    from nlrw_jax.interpret.explain import explain_from_config
-    from nlrw_jax.interpret.score import score_from_config
     from nlrw_jax.llm.backends import make_backend
+    from nlrw_jax.stages import explain, score
 
     cfg = load_config(args.config, overrides(args.workdir / "ours", args.latent_ids))
     t = time.perf_counter()
@@ -153,9 +152,9 @@ def run_ours(args) -> dict:
     counter = LLMCounter(backend.llm)
 
     t0 = time.perf_counter()
-    explain_from_config(cfg, progress=False, backend=backend)
+    explain.run(cfg, progress=False, backend=backend)
     t1 = time.perf_counter()
-    score_from_config(cfg, progress=False, backend=backend)
+    score.run(cfg, progress=False, backend=backend)
     t2 = time.perf_counter()
 
     run = Path(cfg.run_dir)
@@ -219,13 +218,13 @@ def delphi_records(cfg, latents: list[int]):
 
     from nlrw_jax.data.tokenizer import load_tokenizer
     from nlrw_jax.data.tokens import subject_tokenizer_path
-    from nlrw_jax.interpret.examples import Examples
+    from nlrw_jax.stages.common import load_examples
     from nlrw_jax.models import hf
 
     folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
     tok_path = subject_tokenizer_path(folder, cfg.data.tokenizer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_path))
-    ex = Examples(cfg)
+    ex = load_examples(cfg)
 
     def str_tokens(ids):
         # delphi calls tokenizer.batch_decode(example.tokens) on a 1-D tensor: one string per token

@@ -3,11 +3,11 @@ whole-prompt generation, same LLM, same (context, latent) predictions.
 
 One prediction = one (context, latent): the 32-token validation window ending at the context's
 position, its last token marked, and the latent's explanation (METHOD.md, "The simulator").
-Contexts come from nlrw_jax.rewrite.simulate.make_contexts (simulate.sentences = --contexts,
+Contexts come from nlrw_jax.stages.simulate.make_contexts (simulate.sentences = --contexts,
 no calibration contexts), latents are the first --latents (ascending) of the run's latents with
 a non-empty explanation; every latent is predicted at every context.
 
-  ours, window_first       `nlrw simulate`'s prompts (rewrite.simulate._prompts, context-major)
+  ours, window_first       `nlrw simulate`'s prompts (rewrite.simulate.shard_prompts, context-major)
                            with the answer forced to start with "[", all sent in one
                            backend.next_token_logprobs call (max_tokens=1, logprobs=N): the
                            digit log-probs of the one generation step. Prefix cache on.
@@ -108,7 +108,7 @@ def prompt_structure(prompts: dict, pairs: dict, ref_prompts: list) -> dict:
     """Token counts: the prefix every prompt shares, and per order the prefix a prompt shares with the
     other prompts of its group (same context for window_first, same latent for explanation_first): with
     a token-granular prefix cache only the rest would be computed; vLLM caches whole blocks."""
-    from nlrw_jax.llm.backends import _common_prefix
+    from nlrw_jax.llm.local import _common_prefix
 
     out = {"mean_prompt_tokens": {"ours": float(np.mean([len(q) for q in prompts["window_first"]])),
                                   "reference": float(np.mean([len(q) for q in ref_prompts]))},
@@ -154,7 +154,8 @@ def main():
 
     from nlrw_jax.config import load_config
     from nlrw_jax.interpret import prompts as P
-    from nlrw_jax.interpret.explain import load_explanations, subject_tokenizer
+    from nlrw_jax.stages.common import load_explanations, subject_tokenizer
+    from nlrw_jax.stages.simulate import make_contexts
     from nlrw_jax.llm.backends import make_backend
     from nlrw_jax.llm.models import engine_model_path
     from nlrw_jax.rewrite import simulate as S
@@ -176,11 +177,11 @@ def main():
             (run_dir / name).symlink_to((args.run / name).resolve(), target_is_directory=True)
         cfg = load_config(args.config, [f"run_dir={run_dir}", "llm.backend=vllm", "llm.model=smollm2",
                                         "llm.dtype=float32", f"llm.top_logprobs={args.top_logprobs}",
-                                        f"simulate.sentences={args.contexts}", "simulate.calibration=0"])
+                                        f"simulate.sentences={args.contexts}", "simulate.calibration=2"])
         explanations = load_explanations(cfg)
         latents = np.asarray(choose_latents(explanations, args.latents), np.int32)
         t = time.perf_counter()
-        contexts = S.make_contexts(cfg)
+        contexts = make_contexts(cfg)
         contexts_s = time.perf_counter() - t
         tok = subject_tokenizer(cfg)
         width = cfg.examples.window_tokens
@@ -204,7 +205,7 @@ def main():
         # ---- prompts (the same predictions for all three; pairs index (context, latent slot))
         prompts, pairs = {}, {}
         for order in S.ORDERS:
-            prompts[order], pairs[order] = S._prompts(backend, tok, explanations, latents, contexts, width, 0, C, order)
+            prompts[order], pairs[order] = S.shard_prompts(backend, tok, explanations, latents, contexts, width, 0, C, order)
         ref_pairs = pairs["explanation_first"]
         pieces = {c: P.token_strings(tok, contexts["windows"][c, int(contexts["positions"][c]) - width + 1:
                                                             int(contexts["positions"][c]) + 1]) for c in range(C)}

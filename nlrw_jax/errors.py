@@ -1,8 +1,27 @@
-"""One exception type for bad input: the CLI prints its message on one line and exits 2."""
+"""The two kinds of failure a scheduler can act on, and what the CLI prints for them.
+
+Each prints one line, `nlrw: error: ...`, and exits with its own status:
+- UserError (2): bad input (path, config, checkpoint, data). Rerunning the same command fails
+  the same way: fix the input first.
+- ServiceUnavailable (75, EX_TEMPFAIL): something outside is not there now (LLM servers past
+  the retry budget, storage, a run folder held by another process). Rerunning later may work,
+  so a Slurm array can retry these and not the others.
+"""
+
+EXIT_USER_ERROR = 2
+EXIT_TEMPFAIL = 75  # sysexits.h EX_TEMPFAIL
 
 
 class UserError(Exception):
     """Bad input from the user (path, config, checkpoint, data); message names what is wrong."""
+
+    exit_status = EXIT_USER_ERROR
+
+
+class ServiceUnavailable(Exception):
+    """A service or resource that may come back (LLM servers, storage, a busy run folder)."""
+
+    exit_status = EXIT_TEMPFAIL
 
 
 def clear_progress_bars() -> None:

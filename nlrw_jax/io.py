@@ -8,11 +8,22 @@ from pathlib import Path
 
 
 def write_text(path: Path, text: str) -> None:
-    """Temp file then rename: a reader never sees half a file."""
+    """Temp file, fsync, then rename: a reader never sees half a file, even after a power cut."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", newline="") as f:  # the text's own line endings (a csv's \r\n) as they are
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flushes every file of a folder written to a temporary name, before it is renamed into place."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def write_json(path: Path, obj) -> None:
@@ -30,12 +41,6 @@ def save_npz(path: Path, arrays: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def file_hash(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
@@ -76,25 +81,6 @@ def read_npz(path: Path, fix: str, needed=()) -> dict:
     if missing:
         raise UserError(f"{path}: missing array(s) {', '.join(missing)}; {fix}")
     return arrays
-
-
-def claim_run_folder(folder: Path, sections: dict) -> None:
-    """A stage's run folder belongs to one config: resuming it with another is an error, not a mix.
-    `sections` maps what the folder depends on (config sections, the transcoder, the LLM) to
-    hashes or names; the first run records them, and the error names the ones that differ."""
-    from nlrw_jax.errors import UserError
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "manifest.json"
-    if not path.exists():
-        write_json(path, sections)
-        return
-    old = read_json_object(path, f"what this run folder was made for is unknown: use a new run_dir or delete {folder}")
-    if old != sections:
-        differs = sorted(k for k in set(old) | set(sections) if old.get(k) != sections.get(k))
-        raise UserError(f"{path}: this run folder was made for another {'/'.join(sections)} config "
-                        f"(differs: {', '.join(differs)}); use a new run_dir or delete it")
 
 
 def restore_checkpoint(manager, step: int, args):

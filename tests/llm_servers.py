@@ -139,6 +139,68 @@ def run_engine_check(request: dict, tmp: Path, top_logprobs: int = 20, timeout_s
     return json.loads(out.read_text())
 
 
+# ------------------------------------------------------------------------ a stand-in, no model
+
+
+class StubServer:
+    """A stand-in for an OpenAI server on 127.0.0.1 (stdlib, no model), for failures that need no
+    real answers: GET /models answers `models_status` (200: a list of one model), every POST
+    /completions fails as `completions` says: "http503", "drop" (hang up without an answer) or
+    "garbage" (200 with a body that is not JSON)."""
+
+    MODEL = "stub-model"
+
+    def __init__(self, completions: str = "http503", models_status: int = 200):
+        stub = self
+        self.completions, self.models_status, self.posts = completions, models_status, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = json.dumps({"object": "list", "data": [{"id": stub.MODEL}]}).encode()
+                self._send(stub.models_status, body if stub.models_status == 200 else b'{"detail": "no"}')
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stub.posts += 1
+                if stub.completions == "drop":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if stub.completions == "garbage":
+                    return self._send(200, b"<html>it works!</html>")
+                self._send(503, b'{"error": "overloaded"}')
+
+            def _send(self, status, body):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a client that hung up: expected
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
 # ----------------------------------------------------------------------------------- the proxy
 
 FAULTS = ("drop", "http500", "http503", "stall", "truncated", "short_body", "no_choices", "empty_choices",

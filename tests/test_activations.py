@@ -1,4 +1,4 @@
-"""Activation store + capture (nlrw_jax.data.activations) on a tiny random GPT-NeoX. CPU, ~1 minute."""
+"""Activation store + capture (nlrw_jax.data.store, nlrw_jax.data.capture) on a tiny random GPT-NeoX. CPU, ~1 minute."""
 
 import os
 import signal
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nlrw_jax.data import activations as A
+from nlrw_jax.data import capture as A
+from nlrw_jax.data import store as St
 from nlrw_jax.errors import UserError
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params
@@ -67,7 +68,7 @@ def markers(path, host=0):
 
 
 def test_store_equals_model_intermediates(store, windows, reference):
-    s = A.open_store(store)
+    s = St.open_store(store)
     assert (s.num_tokens, s.d_model, s.points) == (N_WIN * CTX, 32, ["mlp_in", "mlp_out"])
     assert len(s.chunks) == 3 and markers(store) == ["000000", "000001", "000002"]
     for p in ("mlp_in", "mlp_out"):
@@ -83,7 +84,7 @@ def test_store_equals_model_intermediates(store, windows, reference):
 
 def test_bf16_store_and_sae_point(model_dir, windows, reference, tmp_path):
     run_capture(model_dir, windows, tmp_path / "bf16", dtype="bfloat16", points=["resid_post"])
-    s = A.open_store(tmp_path / "bf16")
+    s = St.open_store(tmp_path / "bf16")
     assert s.dtype == "bfloat16" and s.points == ["resid_post"]
     got = s.read("resid_post", 0, s.num_tokens)
     assert got.dtype == np.float32
@@ -96,7 +97,7 @@ def test_bf16_store_and_sae_point(model_dir, windows, reference, tmp_path):
 def test_capture_from_iterable_equals_array(model_dir, windows, store, tmp_path):
     batches = [windows[i:i + 5] for i in range(0, N_WIN, 5)] + [windows[:5]]  # 5, 5, 2, 5: not chunk sized; extra ignored
     run_capture(model_dir, batches, tmp_path / "it", num_windows=N_WIN)
-    a, b = A.open_store(store), A.open_store(tmp_path / "it")
+    a, b = St.open_store(store), St.open_store(tmp_path / "it")
     for p in a.points:
         np.testing.assert_array_equal(a.read(p, 0, a.num_tokens), b.read(p, 0, b.num_tokens))
     # Resuming with other windows is caught by the stored tokens.
@@ -110,7 +111,7 @@ def test_two_hosts_concatenate_to_one(model_dir, windows, store, tmp_path):
     for p in (0, 1):
         run_capture(model_dir, windows, tmp_path / "mh", process_index=p, process_count=2)
     assert markers(tmp_path / "mh", 0) == markers(tmp_path / "mh", 1) == ["000000", "000001"]
-    a, b = A.open_store(store), A.open_store(tmp_path / "mh")
+    a, b = St.open_store(store), St.open_store(tmp_path / "mh")
     assert b.num_tokens == a.num_tokens and len(b.chunks) == 4
     np.testing.assert_array_equal(a.read("mlp_out", 0, a.num_tokens), b.read("mlp_out", 0, b.num_tokens))
     np.testing.assert_array_equal(b.tokens(0, b.num_tokens), windows.reshape(-1))
@@ -144,25 +145,28 @@ def test_incomplete_store_refuses_to_read(model_dir, windows, store, tmp_path):
     shutil.copytree(store, path)
     (path / "host000" / "done" / "000001").unlink()  # as if killed between the data and the marker
     with pytest.raises(UserError, match="is incomplete: 2 of 3 chunks"):
-        A.open_store(path)
+        St.open_store(path)
     with pytest.raises(UserError, match="not an activation store"):
-        A.open_store(tmp_path / "nothing")
+        St.open_store(tmp_path / "nothing")
     run_capture(model_dir, windows, path)  # recomputes only chunk 1
-    np.testing.assert_array_equal(A.open_store(path).read("mlp_in", 0, N_WIN * CTX),
-                                  A.open_store(store).read("mlp_in", 0, N_WIN * CTX))
+    np.testing.assert_array_equal(St.open_store(path).read("mlp_in", 0, N_WIN * CTX),
+                                  St.open_store(store).read("mlp_in", 0, N_WIN * CTX))
 
 
 # --------------------------------------------------------------------------- kill and resume
 
-_SLOW_CAPTURE = """
+_CAPTURE = """
 import sys, time
-import nlrw_jax.data.activations as A
-orig = A._forward_fn
-def slow(*a, **k):  # a slow model: the kill lands mid-run
-    f = orig(*a, **k)
-    return lambda p, x: (time.sleep(0.15), f(p, x))[1]
-A._forward_fn = slow
-A.main(sys.argv[1:])
+import numpy as np
+import nlrw_jax.data.capture as A
+model, windows, store, layer, chunk, slow = sys.argv[1:]
+if slow == "slow":  # a slow model: the kill lands mid-run
+    orig = A.forward_fn
+    def slowed(*a, **k):
+        f = orig(*a, **k)
+        return lambda p, x: (time.sleep(0.15), f(p, x))[1]
+    A.forward_fn = slowed
+A.capture(model, np.load(windows), store, layer=int(layer), batch_size=1, chunk_windows=int(chunk), progress=False)
 """
 
 
@@ -171,9 +175,8 @@ def test_kill_mid_capture_and_rerun(model_dir, tmp_path):
     wins = np.random.default_rng(1).integers(0, TINY["vocab_size"], (n, CTX)).astype(np.int32)
     np.save(tmp_path / "w.npy", wins)
     store = tmp_path / "killed"
-    args = ["capture", "--model", str(model_dir), "--windows", str(tmp_path / "w.npy"), "--store", str(store),
-            "--layer", str(LAYER), "--batch-size", "1", "--chunk-windows", str(chunk), "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CAPTURE, *args])
+    args = [str(model_dir), str(tmp_path / "w.npy"), str(store), str(LAYER), str(chunk)]
+    proc = subprocess.Popen([sys.executable, "-c", _CAPTURE, *args, "slow"])
     tok_dir = store / "host000" / "tokens" / "c"
 
     def data():
@@ -192,11 +195,11 @@ def test_kill_mid_capture_and_rerun(model_dir, tmp_path):
     data_chunks = data()
     assert data_chunks > killed_markers  # a chunk with data but no marker: it must count as not done
     with pytest.raises(UserError, match=f"incomplete: {killed_markers} of {n} chunks"):
-        A.open_store(store)
+        St.open_store(store)
 
-    subprocess.run([sys.executable, "-m", "nlrw_jax.data.activations", *args], check=True)  # rerun
+    subprocess.run([sys.executable, "-c", _CAPTURE, *args, "fast"], check=True)  # rerun
     run_capture(model_dir, wins, tmp_path / "clean", batch_size=1, chunk_windows=chunk)  # uninterrupted
-    a, b = A.open_store(store), A.open_store(tmp_path / "clean")
+    a, b = St.open_store(store), St.open_store(tmp_path / "clean")
     assert a.manifest == b.manifest
     assert markers(store) == markers(tmp_path / "clean") == [f"{c:06d}" for c in range(n)]
     for p in ("mlp_in", "mlp_out"):
@@ -209,7 +212,7 @@ def test_kill_mid_capture_and_rerun(model_dir, tmp_path):
 
 
 def test_batches_deterministic_and_resumable(store):
-    s = A.open_store(store)
+    s = St.open_store(store)
     all_in = s.read("mlp_in", 0, s.num_tokens)
 
     def take(it, k):
@@ -247,7 +250,7 @@ def test_batches_deterministic_and_resumable(store):
 
 def test_on_the_fly_equals_store(model_dir, windows, store):
     config, params = hf.load(model_dir)
-    s = A.open_store(store)
+    s = St.open_store(store)
     stored = {p: s.read(p, 0, s.num_tokens) for p in s.points}
 
     def batches(shuffle):
@@ -268,6 +271,6 @@ def test_on_the_fly_equals_store(model_dir, windows, store):
 
 def test_gs_paths_use_the_gcs_kvstore():
     # Only the kvstore spec differs between local and gs:// stores (no network here).
-    assert A._kvstore(A._norm("gs://bkt/runs/a/"), "host000/done") == {
+    assert St._kvstore(St._norm("gs://bkt/runs/a/"), "host000/done") == {
         "driver": "gcs", "bucket": "bkt", "path": "runs/a/host000/done/"}
-    assert A._kvstore("/x/y", "host000/mlp_in") == {"driver": "file", "path": "/x/y/host000/mlp_in/"}
+    assert St._kvstore("/x/y", "host000/mlp_in") == {"driver": "file", "path": "/x/y/host000/mlp_in/"}

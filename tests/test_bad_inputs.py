@@ -1,5 +1,6 @@
-"""Bad input across the CLI, in one place: every case exits with status 2 and prints exactly one
-line, `nlrw: error: ...`, naming the offending file, config key or endpoint, and no traceback.
+"""Bad input across the CLI, in one place: every case exits with status 2 (75 where a service is
+unavailable: retrying later may work) and prints exactly one line, `nlrw: error: ...`, naming the
+offending file, config key or endpoint, and no traceback.
 
 Cases: paths, configs, model checkpoints, transcoder checkpoints (sparsify and orbax),
 activation stores, examples, explanation files, scores / predictions / maps, and the answers of
@@ -56,9 +57,9 @@ def screen_lines(text: str) -> list[str]:
     return lines
 
 
-def check_one_line(rc: int, stderr: str, *names: str) -> str:
-    """Exit status 2, one `nlrw: error:` line on stderr naming every one of `names`, no traceback."""
-    assert rc == 2, f"exit status {rc}; stderr:\n{stderr}"
+def check_one_line(rc: int, stderr: str, *names: str, status: int = 2) -> str:
+    """Exit `status`, one `nlrw: error:` line on stderr naming every one of `names`, no traceback."""
+    assert rc == status, f"exit status {rc}; stderr:\n{stderr}"
     assert "Traceback" not in stderr, stderr
     lines = screen_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("nlrw: error: "), f"not one error line:\n{stderr!r}"
@@ -69,18 +70,18 @@ def check_one_line(rc: int, stderr: str, *names: str) -> str:
     return lines[0]
 
 
-def fails(capsys, stage: str, *args, names=()) -> str:
+def fails(capsys, stage: str, *args, names=(), status: int = 2) -> str:
     """`nlrw stage configs/tiny.yaml *args` in this process: must be the one-line error naming `names`."""
     capsys.readouterr()
     rc = main([stage, CFG, *map(str, args)])
-    return check_one_line(rc, capsys.readouterr().err, *names)
+    return check_one_line(rc, capsys.readouterr().err, *names, status=status)
 
 
-def fails_as_a_process(stage: str, *args, names=()) -> str:
+def fails_as_a_process(stage: str, *args, names=(), status: int = 2) -> str:
     """The same through a real `nlrw` process: proves the process's exit status."""
     out = subprocess.run([str(NLRW), stage, *map(str, args)], cwd=REPO, env=ONE_DEVICE, capture_output=True,
                          timeout=300)  # bytes: text mode would turn a progress bar's \r into \n
-    return check_one_line(out.returncode, out.stderr.decode(errors="replace"), *names)
+    return check_one_line(out.returncode, out.stderr.decode(errors="replace"), *names, status=status)
 
 
 # ------------------------------------------------------------------ a FAKE LLM server (loopback)
@@ -190,18 +191,15 @@ def run(tmp_path_factory, fake_server):
     """(run folder, overrides): a small real run (capture, train, examples), explained, scored,
     simulated and calibrated through the fake server. Never modified: cases copy what they need."""
     from nlrw_jax.config import load_config
-    from nlrw_jax.interpret.explain import explain_from_config
-    from nlrw_jax.interpret.score import score_from_config
-    from nlrw_jax.rewrite.calibrate import calibrate_from_config
-    from nlrw_jax.rewrite.simulate import simulate_from_config
+    from nlrw_jax.stages import calibrate, explain, score, simulate
 
     _, overrides = make_run_with_examples(tmp_path_factory)
     overrides = [*overrides, *SIM]
     cfg = load_config(CFG, [*overrides, *llm_overrides(fake_server.url)])
-    explain_from_config(cfg, progress=False)
-    score_from_config(cfg, progress=False)
-    simulate_from_config(cfg, progress=False)
-    calibrate_from_config(cfg, progress=False)
+    explain.run(cfg, progress=False)
+    score.run(cfg, progress=False)
+    simulate.run(cfg, progress=False)
+    calibrate.run(cfg, progress=False)
     return Path(cfg.run_dir), overrides
 
 
@@ -309,6 +307,7 @@ def test_corrupt_orbax_checkpoint(capsys, run, tmp_path):
     dst, args = copy_run(run, tmp_path, keep=("activations", "sparse"))
     steps = sorted(int(p.name) for p in (dst / "sparse" / "checkpoints").iterdir() if p.name.isdigit())
     latest = dst / "sparse" / "checkpoints" / str(steps[-1])
+    (dst / "sparse" / "summary.json").unlink()  # as if killed after the checkpoint: train resumes from it
     for f in (latest / "default").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0garbage" * 3)
@@ -366,10 +365,10 @@ def test_truncated_examples_file(capsys, run, tmp_path, server):
     fails(capsys, "explain", *args, *llm_overrides(server.url), names=[path])
 
 
-def test_examples_without_manifest(capsys, run, tmp_path, server):
+def test_examples_without_identity(capsys, run, tmp_path, server):
     dst, args = copy_run(run, tmp_path, keep=("activations", "sparse", "examples"))
-    (dst / "examples" / "manifest.json").unlink()
-    fails(capsys, "explain", *args, *llm_overrides(server.url), names=[dst / "examples" / "manifest.json"])
+    (dst / "examples" / "identity.json").unlink()
+    fails(capsys, "explain", *args, *llm_overrides(server.url), names=[dst / "examples" / "identity.json"])
 
 
 # ------------------------------------------------------------------------ explanation files
@@ -417,22 +416,22 @@ def test_explanation_that_is_not_text(capsys, run, tmp_path, server):
 
 def test_explanations_of_another_run(capsys, run, tmp_path, server):
     dst, args = copy_run(run, tmp_path, keep=EXPLAINED)
-    manifest = dst / "explain" / "manifest.json"
+    manifest = dst / "explain" / "identity.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "coder": "0123456789abcdef"}))
     fails(capsys, "score", *args, *llm_overrides(server.url),
           names=[dst / "explain" / "explanations.jsonl", "another transcoder"])
 
 
-def test_explanations_without_manifest(capsys, run, tmp_path, server):
+def test_explanations_without_identity(capsys, run, tmp_path, server):
     dst, args = copy_run(run, tmp_path, keep=EXPLAINED)
-    (dst / "explain" / "manifest.json").unlink()
-    fails(capsys, "score", *args, *llm_overrides(server.url), names=[dst / "explain" / "manifest.json"])
+    (dst / "explain" / "identity.json").unlink()
+    fails(capsys, "score", *args, *llm_overrides(server.url), names=[dst / "explain" / "identity.json"])
 
 
-def test_explain_manifest_not_json(capsys, run, tmp_path, server):
-    """The explain folder's own manifest, garbled: resuming `nlrw explain` names it."""
+def test_explain_identity_not_json(capsys, run, tmp_path, server):
+    """The explain folder's own identity, garbled: resuming `nlrw explain` names it."""
     dst, args = copy_run(run, tmp_path, keep=EXPLAINED)
-    manifest = dst / "explain" / "manifest.json"
+    manifest = dst / "explain" / "identity.json"
     manifest.write_text(manifest.read_text()[:25])
     fails(capsys, "explain", *args, *llm_overrides(server.url), names=[manifest])
 
@@ -463,9 +462,9 @@ def test_simulation_contexts_corrupt(capsys, run, tmp_path, server):
     fails(capsys, "calibrate", *args, *llm_overrides(server.url), names=[path])
 
 
-def test_simulation_manifest_not_json(capsys, run, tmp_path, server):
+def test_simulation_identity_not_json(capsys, run, tmp_path, server):
     dst, args = copy_run(run, tmp_path, keep=SIMULATED)
-    path = dst / "simulate" / "manifest.json"
+    path = dst / "simulate" / "identity.json"
     path.write_text("{\"coder\": ")
     fails(capsys, "calibrate", *args, *llm_overrides(server.url), names=[path])
 
@@ -502,10 +501,11 @@ def test_server_answers_garbage_json(capsys, run, tmp_path, server):
     fails(capsys, "score", *args, *llm_overrides(server.url), names=[server.url, "malformed"])
 
 
-def test_server_answers_http_500_exits_2_from_a_real_process(run, tmp_path, server):
+def test_server_answers_http_500_exits_75_from_a_real_process(run, tmp_path, server):
+    """A server that keeps failing past the retry budget is a service unavailable: 75, retry later."""
     server.completions = "http500"
     _, args = copy_run(run, tmp_path, keep=SCORABLE)
-    fails_as_a_process("score", CFG, *args, *llm_overrides(server.url), names=[server.url, "HTTP 500"])
+    fails_as_a_process("score", CFG, *args, *llm_overrides(server.url), names=[server.url, "HTTP 500"], status=75)
 
 
 def test_server_refuses_a_prompt_http_400(capsys, run, tmp_path, server):
@@ -541,7 +541,7 @@ def test_server_url_without_the_api(capsys, run, tmp_path, server):
 def test_nothing_listens_on_the_endpoint(capsys, run, tmp_path):
     url = dead_url()
     _, args = copy_run(run, tmp_path, keep=SCORABLE)
-    fails(capsys, "score", *args, *llm_overrides(url), names=[url, "no LLM endpoint reachable"])
+    fails(capsys, "score", *args, *llm_overrides(url), names=[url, "no LLM endpoint reachable"], status=75)
 
 
 def test_openai_backend_without_endpoints(capsys, run, tmp_path):

@@ -13,6 +13,8 @@ from tiny_run import make_run_with_examples, nlrw
 from nlrw_jax.config import load_config
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import examples as E
+from nlrw_jax.stages import common
+from nlrw_jax.stages import examples as examples_stage
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def run(tmp_path_factory):
 
 def brute_force(cfg):
     """Every window's strength for every latent, in memory: fine at this size only."""
-    params, meta, _ = E.load_coder(cfg)
-    rows = E.open_rows(cfg)
+    params, meta, _ = common.load_coder(cfg)
+    rows = common.open_rows(cfg)
     x = rows.inputs(0, rows.num_tokens)
     acts = E.latent_acts(params, meta, x, np.arange(meta["num_latents"]))  # [T, n]
     w = cfg.examples.window_tokens
@@ -69,7 +71,7 @@ def test_kept_windows_are_right(run):
 def test_reader_gives_window_tokens_and_activations(run):
     cfg, _ = run
     acts, _ = brute_force(cfg)
-    ex = E.Examples(cfg)
+    ex = common.load_examples(cfg)
     latent = int(np.argmax(ex.data["window_count"]))
     windows = ex.activating(latent, 2)
     assert windows and len(windows) <= 20
@@ -101,9 +103,9 @@ def test_bad_inputs(run, tmp_path):
     r = nlrw("examples", "configs/tiny.yaml", *overrides, "examples.window_tokens=24", check=False)
     assert r.returncode == 2 and "examples.window_tokens" in r.stderr and "divide" in r.stderr
     r = nlrw("examples", "configs/tiny.yaml", f"run_dir={tmp_path / 'empty'}", check=False)
-    assert r.returncode == 2 and "cfg.json: not found" in r.stderr
-    with pytest.raises(UserError, match="another transcoder, store or examples config"):
-        E.examples_from_config(load_config("configs/tiny.yaml", [*overrides, "examples.seed=1"]), progress=False)
+    assert r.returncode == 2 and "no trained coder; run `nlrw train` first" in r.stderr
+    with pytest.raises(UserError, match="made from something else .differs: examples"):
+        examples_stage.run(load_config("configs/tiny.yaml", [*overrides, "examples.seed=1"]), progress=False)
 
 
 def test_on_the_fly_rows_give_the_same_examples(run, tmp_path):
@@ -115,13 +117,13 @@ def test_on_the_fly_rows_give_the_same_examples(run, tmp_path):
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("activations", "examples"))
     cfg2 = load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}", "sparse.source=on_the_fly"])
-    rows = E.open_rows(cfg2)
+    rows = common.open_rows(cfg2)
     assert isinstance(rows, E.ForwardRows)
-    store_rows = E.open_rows(cfg)
+    store_rows = common.open_rows(cfg)
     assert rows.num_tokens == store_rows.num_tokens
     np.testing.assert_array_equal(rows.tokens(300, 900), store_rows.tokens(300, 900))
     np.testing.assert_allclose(rows.inputs(300, 900), store_rows.inputs(300, 900), atol=0.05, rtol=0.02)
-    E.examples_from_config(cfg2, progress=False)
+    examples_stage.run(cfg2, progress=False)
     a = np.load(copy / "examples" / "examples.npz")
     b = np.load(f"{cfg.run_dir}/examples/examples.npz")
     assert np.corrcoef(a["max_act"], b["max_act"])[0, 1] > 0.99

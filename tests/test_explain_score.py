@@ -17,7 +17,7 @@ from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import examples as E
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.interpret import score as S
-from nlrw_jax.interpret.explain import explain_from_config, load_explanations
+from nlrw_jax.stages.common import load_explanations
 from nlrw_jax.io import append_batch, read_batches
 
 
@@ -124,8 +124,8 @@ def test_explanations_of_another_transcoder_are_refused(explained, tmp_path):
     cfg, overrides, _ = explained
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy)
-    manifest = json.loads((copy / "explain" / "manifest.json").read_text())
-    (copy / "explain" / "manifest.json").write_text(json.dumps({**manifest, "coder": "0123456789abcdef"}))
+    manifest = json.loads((copy / "explain" / "identity.json").read_text())
+    (copy / "explain" / "identity.json").write_text(json.dumps({**manifest, "coder": "0123456789abcdef"}))
     r = nlrw("score", "configs/tiny.yaml", *overrides, f"run_dir={copy}", check=False)
     assert r.returncode == 2 and "explanations of another transcoder" in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) < 300
@@ -133,7 +133,7 @@ def test_explanations_of_another_transcoder_are_refused(explained, tmp_path):
     with pytest.raises(UserError, match="explanations of another transcoder"):
         load_explanations(cfg2)
     r = nlrw("explain", "configs/tiny.yaml", *overrides, f"run_dir={copy}", "explain.max_tokens=5", check=False)
-    assert r.returncode == 2 and "made for another" in r.stderr and "explain" in r.stderr
+    assert r.returncode == 2 and "made from something else (differs: coder)" in r.stderr and "explain" in r.stderr
 
 
 def test_latent_without_activating_examples_is_skipped_and_counted(run, tmp_path):

@@ -10,19 +10,24 @@ and |local - openai| 2.6e-5 .. 3.5e-5 on every digit finite in both, vllm (offli
 (server) bit-identical, the same digits in the top 20, the same argmax and identical greedy
 generations (8 tokens). The tolerance below, 1e-3, leaves a ~30x margin. Through the fault proxy
 the answers are bit-identical to the proxy-less ones.
+
+Failing calls: servers that are not there (nothing listening, hang-ups, 5xx past the retry
+budget) raise ServiceUnavailable (exit 75: rerun later); servers that answer wrongly or refuse
+the prompt raise UserError (exit 2). The no-server cases use StubServer, a stdlib stand-in.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from nlrw_jax.config import LLMConfig
-from nlrw_jax.errors import UserError
-from llm_servers import (DIGITS, FAULTS, FaultProxy, dead_url, rating_requests, request_key, run_engine_check,
-                         vllm_server)
+from nlrw_jax.errors import ServiceUnavailable, UserError
+from llm_servers import (DIGITS, FAULTS, FaultProxy, StubServer, dead_url, rating_requests, request_key,
+                         run_engine_check, vllm_server)
 
 TOL = 1e-3  # max |log-prob difference| between backends (measured: <= 3.5e-5)
 GEN_TOKENS = 8
@@ -81,10 +86,52 @@ def server_answers(server, prompts):
 def test_unreachable_endpoint_fails_fast():
     dead = dead_url()
     t0 = time.monotonic()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(ServiceUnavailable) as e:
         _openai(dead, timeout_s=5)
     assert time.monotonic() - t0 < 15
     assert dead in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreachable_and_wrong_url_is_user_error():
+    """One endpoint down, the other not an OpenAI API (404): the URL needs fixing, a rerun won't do."""
+    dead = dead_url()
+    with StubServer(models_status=404) as stub, pytest.raises(UserError) as e:
+        _openai([dead, stub.url], timeout_s=5)
+    assert dead in str(e.value) and stub.url in str(e.value) and "HTTP 404" in str(e.value)
+
+
+@pytest.mark.parametrize("mode, said", [("http503", "HTTP 503"), ("drop", "RemoteProtocolError")])
+def test_pool_out_of_retries_is_service_unavailable(mode, said):
+    """The server lists its model, then every completion fails as a busy or dying server's would."""
+    with StubServer(completions=mode) as stub:
+        b = _openai(stub.url, timeout_s=5, retries=2, backoff_s=0.01, max_concurrency=2)
+        t0 = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as e:
+            b.generate([[1, 2, 3], [4, 5]], 4)
+        elapsed = time.monotonic() - t0
+    msg = str(e.value)
+    assert "failed after 2 retries" in msg and stub.url in msg and said in msg and "\n" not in msg, msg
+    assert stub.posts >= 3 and elapsed < 10
+
+
+def test_pool_out_of_retries_on_garbage_is_user_error():
+    with StubServer(completions="garbage") as stub:
+        b = _openai(stub.url, timeout_s=5, retries=1, backoff_s=0.01)
+        with pytest.raises(UserError) as e:
+            b.generate([[1, 2, 3]], 4)
+    msg = str(e.value)
+    assert "answered wrongly" in msg and "malformed" in msg and stub.url in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("backend, missing, said", [("local", "torch", "[llm]"), ("local", "transformers", "[llm]"),
+                                                    ("vllm", "vllm", "scripts/setup_vllm.sh")])
+def test_missing_library_is_user_error(monkeypatch, backend, missing, said):
+    from nlrw_jax.llm.backends import make_backend
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now fails as if not installed
+    with pytest.raises(UserError) as e:
+        make_backend(_cfg(backend=backend), progress=False)
+    assert missing in str(e.value) and said in str(e.value), str(e.value)
 
 
 def test_local_candidate_not_single_token(local, prompts):
@@ -182,13 +229,18 @@ def test_pool_survives_faults(server, prompts, server_answers):
     assert elapsed < 60
 
 
+UNAVAILABLE_FAULTS = ("drop", "http500", "http503", "short_body")  # the server is not there (now)
+WRONG_FAULTS = ("truncated", "no_choices", "empty_choices", "no_logprobs", "not_json")  # it answers wrongly
+
+
 @pytest.mark.slow
-def test_pool_gives_up_with_one_line(server, prompts):
-    every = [f for f in FAULTS if f != "stall"]
-    with FaultProxy(server, lambda key, attempt, n: every[n % len(every)]) as proxy:
+@pytest.mark.parametrize("faults, error", [(UNAVAILABLE_FAULTS, ServiceUnavailable), (WRONG_FAULTS, UserError)])
+def test_pool_gives_up_with_one_line(server, prompts, faults, error):
+    assert set(UNAVAILABLE_FAULTS + WRONG_FAULTS) == set(FAULTS) - {"stall"}
+    with FaultProxy(server, lambda key, attempt, n: faults[n % len(faults)]) as proxy:
         b = _openai(proxy.url, timeout_s=2, backoff_s=0.05, retries=3, max_concurrency=4)
         t0 = time.monotonic()
-        with pytest.raises(UserError) as e:
+        with pytest.raises(error) as e:
             b.next_token_logprobs(prompts, DIGITS)
         elapsed = time.monotonic() - t0
     msg = str(e.value)

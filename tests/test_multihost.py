@@ -105,9 +105,9 @@ def test_two_processes_equal_one(tmp_path):
 
     # A single-host stage: process 0 does it while process 1 waits for it, and both exit 0.
     outs = _finish(_start_pair("eval", [f"run_dir={two}", *MH, "eval.windows=8"]))
-    assert (two / "eval.json").exists() and "val_ce" in outs[0] and "val_ce" not in outs[1]
+    assert (two / "eval" / "eval.json").exists() and "val_ce" in outs[0] and "val_ce" not in outs[1]
 
-    from nlrw_jax.data.activations import open_store
+    from nlrw_jax.data.store import open_store
 
     a, b = open_store(one / "activations"), open_store(two / "activations")
     assert b.manifest["process_count"] == 2 and a.num_tokens == b.num_tokens == 32 * 256

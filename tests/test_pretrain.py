@@ -39,21 +39,3 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     index = json.loads((tmp_path / "killed" / "model" / "checkpoints.json").read_text())
     assert set(index["checkpoints"]) == {"step6", "final"}
     assert index["checkpoints"]["final"]["val_ce"] < index["unigram_val_ce"] + 2.0
-
-
-def test_pretrain_rejects_other_config_in_same_run_dir(tmp_path):
-    from nlrw_jax.config import load_config
-    from nlrw_jax.errors import UserError
-    from nlrw_jax.config import config_hash
-    from nlrw_jax.io import claim_run_folder
-
-    run = tmp_path / "run"
-    run.mkdir()
-    def claim(*overrides):
-        cfg = load_config(REPO / "configs" / "tiny-lm.yaml", list(overrides))
-        claim_run_folder(run, {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)})
-
-    claim()
-    claim()  # the same config resumes
-    with pytest.raises(UserError, match="another pretrain/data config"):
-        claim("pretrain.steps=7")

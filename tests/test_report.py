@@ -1,4 +1,4 @@
-"""`nlrw report` on a synthetic run folder: results.json / values.npz as nlrw_jax/rewrite/evaluate.py writes them."""
+"""`nlrw report` on a synthetic run folder: results.json / values.npz as nlrw_jax/stages/evaluate.py writes them."""
 
 import json
 import re
@@ -8,7 +8,9 @@ import pytest
 
 from nlrw_jax.config import load_config
 from nlrw_jax.errors import UserError
-from nlrw_jax.rewrite.report import PLOTS, report_from_config, spearman
+from nlrw_jax.report.plots import PLOTS
+from nlrw_jax.report.stats import spearman
+from nlrw_jax.stages.report import run as report_from_config
 
 FRACTIONS = [0.25, 0.5, 1.0]
 SIZES = [4, 8]  # calibrate sizes; 8 = every calibration context (the main "normalised")
@@ -134,13 +136,40 @@ def test_report_b_does_not_hold_and_rerun(tmp_path):
     assert "**does not hold**" in _ordering(md, "c")  # raw 4.3 < zero 4.4
     assert "**holds**" in _ordering(md, "d")  # normalised worse than zero ablation
     assert "excludes 0" in _ordering(md, "b")
-    # rerun on other numbers overwrites cleanly
+    # unchanged results: nothing to do (the file is not rewritten)
+    mtime = (tmp_path / "report" / "report.md").stat().st_mtime_ns
+    report_from_config(cfg, progress=False)
+    assert (tmp_path / "report" / "report.md").stat().st_mtime_ns == mtime
+    # other results: the report is made anew
     make_run(tmp_path, raw_all=4.6, norm_all=4.3, seed=1)
     path = report_from_config(cfg, progress=False)
     md2 = path.read_text()
     assert "**holds**" in _ordering(md2, "b") and md2 != md
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([*PLOTS, "report.md"])
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([*PLOTS, "report.md", "identity.json", ".lock"])
     _check_pngs(path.parent)
+
+
+def test_an_interrupted_report_leaves_the_previous_one(tmp_path, monkeypatch):
+    from nlrw_jax.report import plots
+
+    make_run(tmp_path, raw_all=4.6, norm_all=4.3)
+    cfg = _cfg(tmp_path)
+    path = report_from_config(cfg, progress=False)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()}
+    make_run(tmp_path, raw_all=4.3, norm_all=4.6, seed=1)  # new results: the report will be made anew
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C (or a crash) after some of the new plots were drawn
+
+    monkeypatch.setattr(plots, "plot_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report_from_config(cfg, progress=False)
+    after = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()}
+    assert after == before  # every old file as it was, its identity too
+    monkeypatch.undo()
+    md = report_from_config(cfg, progress=False).read_text()  # the rerun completes it
+    assert md != before["report.md"].decode()
+    assert [p.name for p in path.parent.iterdir() if p.is_dir()] == []  # no half-made report left behind
 
 
 def test_report_missing_results(tmp_path):
@@ -152,7 +181,7 @@ def test_report_missing_results(tmp_path):
 
 
 def test_spearman_fallback_matches_scipy():
-    from nlrw_jax.rewrite import report as R
+    from nlrw_jax.report import stats as R
 
     x = np.array([1, 2, 2, 3, 5, np.nan, 4.0])
     y = np.array([2, 1, 3, 3, 6, 1.0, np.nan])

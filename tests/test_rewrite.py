@@ -20,6 +20,7 @@ from nlrw_jax.errors import UserError
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import GPTNeoX, token_cross_entropy
 from nlrw_jax.rewrite import simulate as S
+from nlrw_jax.stages.simulate import load_predictions
 from nlrw_jax.rewrite.patched import check_shapes, make_patched_ce
 from nlrw_jax.sparse import coder as sc
 
@@ -114,7 +115,7 @@ def simulated(tmp_path_factory):
 def test_sharded_simulation_equals_one_worker(simulated, tmp_path):
     cfg, overrides, logs = simulated
     assert "prediction/s" in logs  # a progress bar with a rate
-    preds = S.load_predictions(cfg)
+    preds = load_predictions(cfg)
     n_ctx, n_lat = 14, 4
     assert preds["logprobs"].shape == (n_ctx, n_lat, 10) and len(list(Path(cfg.run_dir, "simulate", "shards")
                                                                        .glob("*.npz"))) == 4 * 2
@@ -123,7 +124,7 @@ def test_sharded_simulation_equals_one_worker(simulated, tmp_path):
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate"))
     nlrw("simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}")
-    again = S.load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))
+    again = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))
     np.testing.assert_array_equal(again["logprobs"], preds["logprobs"])
     r = nlrw("simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}")  # all done: no LLM loaded
     assert "Loading weights" not in r.stderr
@@ -132,13 +133,13 @@ def test_sharded_simulation_equals_one_worker(simulated, tmp_path):
 @pytest.mark.slow
 def test_killed_simulation_resumes_to_identical_predictions(simulated, tmp_path):
     cfg, overrides, _ = simulated
-    reference = S.load_predictions(cfg)["logprobs"]
+    reference = load_predictions(cfg)["logprobs"]
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate"))
     cmd = [sys.executable, "-m", "nlrw_jax.cli", "simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}"]
     kill_when_then_rerun(cmd, marker=copy / "simulate" / "shards" / "00000.npz",
                          finished=copy / "simulate" / "shards" / "00007.npz", env=ONE_DEVICE)
-    got = S.load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))["logprobs"]
+    got = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))["logprobs"]
     np.testing.assert_array_equal(got, reference)
 
 
@@ -175,17 +176,19 @@ def test_evaluate_results(evaluated):
 def test_calibration_maps_are_monotone_and_fit_on_calibration_contexts(evaluated):
     from nlrw_jax.rewrite import calibrate as C
     from nlrw_jax.rewrite import quantile as Q
+    from nlrw_jax.run_folder import RunFolder
+    from nlrw_jax.stages.common import load_examples
 
     cfg, _, _ = evaluated
-    m = Q.load_quantile_map(C.map_path(cfg, "type8", 8))
+    m = Q.load_quantile_map(RunFolder(cfg.run_dir).quantile_map("type8", 8))
     assert m["pred_knots"].shape == (4, len(Q.quantile_levels())) and m["meta"]["contexts"] == 8
-    preds = S.load_predictions(cfg)
-    raw = C.raw_values(cfg, preds)
+    preds = load_predictions(cfg)
+    raw = C.raw_values(preds, load_examples(cfg).data["max_act"], cfg.simulate.readout)
     np.testing.assert_allclose(m["pred_knots"][:, -1], raw[6:].max(0), rtol=1e-6)  # only calibration contexts
 
 
 def test_bad_predictions_and_maps_are_refused(evaluated, tmp_path):
-    from nlrw_jax.rewrite import calibrate as C
+    from nlrw_jax.run_folder import RunFolder
 
     cfg, overrides, _ = evaluated
     copy = tmp_path / "tiny"
@@ -200,17 +203,17 @@ def test_bad_predictions_and_maps_are_refused(evaluated, tmp_path):
     assert r.returncode == 2 and f"latent {int(z['latents'][1])}" in r.stderr and "NaN" in r.stderr
     # a quantile grid that is not monotone: refused, naming the file and the latent
     shutil.copy(Path(cfg.run_dir) / "simulate" / "shards" / "00000.npz", shard)
-    path = C.map_path(load_config("configs/tiny.yaml", args), "type8", 8)
+    path = RunFolder(copy).quantile_map("type8", 8)
     z = dict(np.load(path))
     z["pred_knots"][2, 5] = z["pred_knots"][2, 4] - 1.0
     np.savez(path, **z)
     r = nlrw("evaluate", "configs/tiny.yaml", *args, check=False)
     assert r.returncode == 2 and str(path) in r.stderr and f"latent {int(z['latents'][2])} " in r.stderr
     # predictions from another run
-    manifest = copy / "simulate" / "manifest.json"
+    manifest = copy / "simulate" / "identity.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "coder": "0123456789abcdef"}))
     r = nlrw("evaluate", "configs/tiny.yaml", *args, check=False)
-    assert r.returncode == 2 and "predictions from another run (differs: coder)" in r.stderr
+    assert r.returncode == 2 and "simulate outputs were made from something else (differs: coder)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
@@ -229,7 +232,7 @@ def test_latent_without_explanation_is_simulated_as_zero(evaluated, tmp_path):
     assert res["unexplained_simulated_as_zero"] == 1 and res["latents_explained"] == 3
     values = np.load(copy / "evaluate" / "values.npz")
     assert (values["raw"][:, 0] == 0).all() and (values["normalised"][:, 0] == 0).all()
-    preds = S.load_predictions(load_config("configs/tiny.yaml", args))
+    preds = load_predictions(load_config("configs/tiny.yaml", args))
     assert np.isneginf(preds["logprobs"][:, 0]).all()  # never sent to the LLM
 
 
@@ -243,11 +246,11 @@ def test_run_killed_at_random_points_resumes_to_the_same_report(evaluated, tmp_p
     nlrw("report", "configs/tiny.yaml", *overrides)
     run = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "nlrw_jax.cli", "run", "configs/tiny.yaml", *overrides, f"run_dir={run}"]
-    stages = {"eval": run.parent, "capture": run / "activations" / "manifest.json",
-              "train": run / "sparse" / "manifest.json", "examples": run / "examples" / "manifest.json",
-              "explain": run / "explain" / "manifest.json", "score": run / "scores" / "manifest.json",
-              "simulate": run / "simulate" / "manifest.json", "calibrate": run / "calibrate" / "manifest.json",
-              "evaluate": run / "evaluate", "report": run / "report"}
+    stages = {"eval": run.parent, "capture": run / "activations" / "identity.json",
+              "train": run / "sparse" / "identity.json", "examples": run / "examples" / "identity.json",
+              "explain": run / "explain" / "identity.json", "score": run / "scores" / "identity.json",
+              "simulate": run / "simulate" / "identity.json", "calibrate": run / "calibrate" / "identity.json",
+              "evaluate": run / "evaluate" / "identity.json", "report": run / "report"}
     seed = int(os.environ.get("NLRW_FAULT_SEED", random.randrange(1 << 30)))
     landed = kill_at_random_points_then_finish(cmd, stages, kills=4, seed=seed)
     print(f"NLRW_FAULT_SEED={seed}: kills landed in {landed}")

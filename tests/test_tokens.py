@@ -4,6 +4,7 @@ import json
 import lzma
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -119,6 +120,51 @@ def test_cache_reused_and_rebuilt_on_new_tokenizer(tmp_path, tok):
     np.testing.assert_array_equal(np.load(path3), expected)
     # Only the cache is left in the parent: no temp or stale directories.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "cache"]
+
+
+def test_cache_identity_is_content_not_paths_or_times(tmp_path, tok, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, t in enumerate(make_texts(12)):
+        (corpus / f"doc_{i:02d}.txt").write_text(t)
+    (corpus / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(20, seed=3)))
+
+    def sources(folder):
+        return [str(folder / "*.txt"), str(folder / "more.jsonl")]
+
+    out = tmp_path / "cache"
+    path = T.tokenize_to_cache(sources(corpus), tok, out, progress=False)
+    ident, st = T.cache_identity(path), os.stat(path)
+
+    def reused(p):
+        s = os.stat(p)
+        return (s.st_ino, s.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+
+    # Touched: new mtimes, same bytes -> the cache is kept, and so is its identity.
+    for f in corpus.iterdir():
+        fs = f.stat()
+        os.utime(f, ns=(fs.st_atime_ns, fs.st_mtime_ns + 10**9))
+    assert reused(T.tokenize_to_cache(sources(corpus), tok, out, progress=False))
+    assert T.cache_identity(out) == T.cache_identity(path.parent) == ident
+    with monkeypatch.context() as m:  # the new times are recorded: the next call hashes nothing
+        m.setattr(T, "_content", lambda p: pytest.fail(f"{p} was hashed again"))
+        assert reused(T.tokenize_to_cache(sources(corpus), tok, out, progress=False))
+
+    # Copied elsewhere (new paths, new mtimes) -> the same identity, and the cache is kept.
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(corpus, copy, copy_function=shutil.copyfile)
+    fresh = T.tokenize_to_cache(sources(copy), tok, tmp_path / "fresh", progress=False)
+    assert T.cache_identity(fresh) == ident
+    assert reused(T.tokenize_to_cache(sources(copy), tok, out, progress=False))
+    assert T.read_manifest(out)["sources"] == sources(copy) and T.cache_identity(out) == ident
+
+    # One changed byte -> rebuilt, another identity.
+    doc = copy / "doc_03.txt"
+    text = doc.read_bytes()
+    doc.write_bytes(text[:5] + (b"x" if text[5:6] != b"x" else b"y") + text[6:])
+    rebuilt = T.tokenize_to_cache(sources(copy), tok, out, progress=False)
+    assert os.stat(rebuilt).st_ino != st.st_ino and T.cache_identity(out) != ident
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus", "elsewhere", "fresh"]  # no temp files
 
 
 def test_half_written_cache_is_rebuilt_and_failed_build_leaves_nothing(tmp_path, tok):

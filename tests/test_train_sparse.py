@@ -53,10 +53,12 @@ def test_sharded_training_steps_match_single_device(shape):
 
 
 def test_bad_sparse_configs():
-    with pytest.raises(UserError, match="sparse.k 65 must be in"):
-        Trainer(trainer_cfg("sparse.k=65"), 16, mesh=make_mesh(1, 1, devices=jax.devices()[:1]))
+    with pytest.raises(UserError, match="sparse.k: 65 must be <= sparse.num_latents"):  # at load
+        trainer_cfg("sparse.k=65")
     with pytest.raises(UserError, match="sparse.kind"):
-        Trainer(trainer_cfg("sparse.kind=mlp"), 16, mesh=make_mesh(1, 1, devices=jax.devices()[:1]))
+        trainer_cfg("sparse.kind=mlp")
+    with pytest.raises(UserError, match="sparse.num_latents 63 must divide over mesh.model=2"):  # needs the mesh
+        Trainer(trainer_cfg("sparse.num_latents=63"), 16, mesh=make_mesh(1, 2, devices=jax.devices()[:2]))
 
 
 def micro_model(folder: Path):
@@ -99,12 +101,12 @@ def test_train_bad_inputs(tmp_path):
         return errors[0]
 
     assert "model.layer: 5 is out of range" in fails("model.layer=5")
-    assert "sparse.k 200 must be in" in fails("sparse.k=200")
-    # a corrupt checkpoint folder: refused with its path, never silently restarted from scratch
+    assert "sparse.k: 200 must be <= sparse.num_latents (128)" in fails("sparse.k=200")
+    # checkpoints of unknown origin (no identity.json): refused with the folder, never silently resumed
     ckpt = tmp_path / "corrupt" / "sparse" / "checkpoints" / "3"
     ckpt.mkdir(parents=True)
     (ckpt / "garbage").write_text("not a checkpoint")
-    assert "could not be restored" in fails(name="corrupt")
+    assert "holds checkpoints but no identity.json" in fails(name="corrupt")
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ def make_run(run_dir: Path) -> list[str]:
 def make_run_with_examples(tmp_path_factory):
     """(config, overrides) of a fresh run folder with its examples swept."""
     from nlrw_jax.config import load_config
-    from nlrw_jax.interpret import examples as E
+    from nlrw_jax.stages import examples
 
     overrides = make_run(tmp_path_factory.mktemp("run") / "tiny")
     cfg = load_config("configs/tiny.yaml", overrides)
-    E.examples_from_config(cfg, progress=False)
+    examples.run(cfg, progress=False)
     return cfg, overrides

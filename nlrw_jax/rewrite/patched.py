@@ -41,7 +41,7 @@ def make_patched_ce(model: GPTNeoX, layer: int, kind: str, k: int):
     -> CE [3 + V*M, B]: rows FIXED_CONDITIONS, then variant-major (v * M + m)."""
     c = model.config
     last = c.num_hidden_layers - 1
-    in_point = "mlp_in" if kind == "transcoder" else "resid_post"
+    in_point = sc.points_for(kind)[0]
 
     def decode(coder, acts, x):
         out = sc.decode(coder, *sc.topk_latents(acts, k))

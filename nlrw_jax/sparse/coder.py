@@ -29,12 +29,21 @@ from jax.sharding import PartitionSpec as P
 
 from nlrw_jax.errors import UserError
 
-KINDS = ("transcoder", "sae")
+# The sparse-coder kinds and the model's capture points each reads and reconstructs:
+# a transcoder maps the MLP's input to its output, an SAE reconstructs the residual stream.
+POINTS = {"transcoder": ("mlp_in", "mlp_out"), "sae": ("resid_post", "resid_post")}
+KINDS = tuple(POINTS)
 # Sparse decode implementation: "gather" (autodiff of a gather + weighted sum) or "vjp"
 # (custom_vjp with a segment_sum backward). XLA compiles both to the same gather +
 # scatter-add and they time the same on CPU (benchmarks/sparse_decode.py), so the default
 # is the plain one.
 DECODE_IMPL = "gather"
+
+
+def points_for(kind: str) -> tuple[str, str]:
+    """(input, target) capture points of a sparse-coder kind."""
+    _check_kind(kind)
+    return POINTS[kind]
 
 
 def _check_kind(kind: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from nlrw_jax.errors import UserError
+from nlrw_jax.io import fsync_folder
 from nlrw_jax.sparse.coder import KINDS
 
 # ours -> sparsify's tensor names
@@ -77,6 +78,7 @@ def save_sparsify(params: dict, path, *, k: int, kind: str, d_in: int, num_laten
         save_file(tensors, str(tmp / "sae.safetensors"), metadata={"format": "pt"})
         with open(tmp / "cfg.json", "w") as f:
             json.dump(cfg, f, indent=2)
+        fsync_folder(tmp)
         if path.exists():  # a folder can't be renamed onto a non-empty one: move the old aside
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)

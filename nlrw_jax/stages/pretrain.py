@@ -8,6 +8,7 @@ the end, each with its held-out cross-entropy in `checkpoints.json`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -21,13 +22,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from nlrw_jax.config import Config, config_hash
+from nlrw_jax.config import Config, config_hash, identity
 from nlrw_jax.data import tokens as token_data
 from nlrw_jax.data.tokenizer import load_tokenizer
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import abstract_like, claim_run_folder, restore_checkpoint, truncate_jsonl, write_json
+from nlrw_jax.io import abstract_like, restore_checkpoint, truncate_jsonl, write_json
+from nlrw_jax.run_folder import RunFolder
 from nlrw_jax.models import hf
-from nlrw_jax.models.evaluate import mean_cross_entropy, unigram_cross_entropy
+from nlrw_jax.models.cross_entropy import mean_cross_entropy, unigram_cross_entropy
 from nlrw_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig, init_params, token_cross_entropy
 from nlrw_jax.parallel import global_batch, make_mesh
 
@@ -47,7 +49,7 @@ def _export_steps(p) -> dict[int, str]:
     return steps
 
 
-def pretrain(cfg: Config, progress: bool = True) -> dict:
+def run(cfg: Config, progress: bool = True) -> dict:
     p = cfg.pretrain
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.get_vocab_size() > p.arch.vocab_size:
@@ -94,56 +96,59 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {
             "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    run_dir = Path(cfg.run_dir).absolute() / "pretrain"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    claim_run_folder(run_dir, {"pretrain": config_hash(cfg.pretrain), "data": config_hash(cfg.data)})
-    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=p.keep_checkpoints, save_interval_steps=p.checkpoint_every))
-    state = init_state()
-    start = manager.latest_step()
-    if start is not None:
-        state = restore_checkpoint(manager, start, ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(state)),
-            data=token_data.GrainCheckpointRestore(data_iter)))["state"]
-    start = start or 0
-    metrics_path = run_dir / "metrics.jsonl"
-    truncate_jsonl(metrics_path, start)
+    run = RunFolder(Path(cfg.run_dir).absolute())
+    caches = (train_cache, val_cache)
+    ident = {"pretrain": identity(cfg.pretrain), "data": identity(cfg.data),
+             "tokens": [token_data.cache_identity(c) for c in caches]}
+    with contextlib.ExitStack() as stack:  # process 0 claims the folder; the others write checkpoints there too
+        run_dir = stack.enter_context(run.claim("pretrain", ident)) if proc == 0 else run.dir("pretrain")
+        manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=p.keep_checkpoints, save_interval_steps=p.checkpoint_every))
+        state = init_state()
+        start = manager.latest_step()
+        if start is not None:
+            state = restore_checkpoint(manager, start, ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_like(state)),
+                data=token_data.GrainCheckpointRestore(data_iter)))["state"]
+        start = start or 0
+        metrics_path = run_dir / "metrics.jsonl"
+        truncate_jsonl(metrics_path, start)
 
-    out_dir = Path(p.out_dir)
-    exports = _export_steps(p)
-    tokens_per_step = p.batch_size * cfg.data.ctx_len
-    bar = tqdm(total=p.steps * tokens_per_step, initial=start * tokens_per_step, desc="pretrain", unit="tok",
-               unit_scale=True, disable=not progress or proc != 0)
-    t0, last_step = time.perf_counter(), start
-    for step in range(start + 1, p.steps + 1):
-        batch = global_batch(mesh, next(data_iter))
-        state, metrics = train_step(state, batch)
-        bar.update(tokens_per_step)
-        if step % p.log_every == 0 or step == p.steps:
-            loss = float(metrics["loss"])
-            dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                      "tokens": step * tokens_per_step, "tokens_per_s": (step - last_step) * tokens_per_step / dt}
-            t0, last_step = time.perf_counter(), step
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % p.eval_every == 0 or step == p.steps:
-                record["val_ce"] = mean_cross_entropy(model, state["params"], val_windows, progress=False)
-            if proc == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if step in exports and proc == 0:
-            _export(model, model_cfg, state["params"], out_dir / exports[step], cfg, step, tokens_per_step,
-                    val_windows, p)
-        manager.save(step, force=step == p.steps, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=token_data.GrainCheckpointSave(data_iter)))
-    manager.wait_until_finished()
-    bar.close()
+        out_dir = Path(p.out_dir)
+        exports = _export_steps(p)
+        tokens_per_step = p.batch_size * cfg.data.ctx_len
+        bar = tqdm(total=p.steps * tokens_per_step, initial=start * tokens_per_step, desc="pretrain", unit="tok",
+                   unit_scale=True, disable=not progress or proc != 0)
+        t0, last_step = time.perf_counter(), start
+        for step in range(start + 1, p.steps + 1):
+            batch = global_batch(mesh, next(data_iter))
+            state, metrics = train_step(state, batch)
+            bar.update(tokens_per_step)
+            if step % p.log_every == 0 or step == p.steps:
+                loss = float(metrics["loss"])
+                dt = time.perf_counter() - t0
+                record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                          "tokens": step * tokens_per_step, "tokens_per_s": (step - last_step) * tokens_per_step / dt}
+                t0, last_step = time.perf_counter(), step
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step % p.eval_every == 0 or step == p.steps:
+                    record["val_ce"] = mean_cross_entropy(model, state["params"], val_windows, progress=False)
+                if proc == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if step in exports and proc == 0:
+                _export(model, model_cfg, state["params"], out_dir / exports[step], cfg, step, tokens_per_step,
+                        val_windows, p)
+            manager.save(step, force=step == p.steps, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=token_data.GrainCheckpointSave(data_iter)))
+        manager.wait_until_finished()
+        bar.close()
 
-    summary = json.loads((out_dir / "checkpoints.json").read_text())
-    train_tokens = np.load(train_cache, mmap_mode="r")
-    summary["unigram_val_ce"] = unigram_cross_entropy(train_tokens, val_windows, model_cfg.vocab_size)
-    write_json(out_dir / "checkpoints.json", summary)
-    return summary
+        summary = json.loads((out_dir / "checkpoints.json").read_text())
+        train_tokens = np.load(train_cache, mmap_mode="r")
+        summary["unigram_val_ce"] = unigram_cross_entropy(train_tokens, val_windows, model_cfg.vocab_size)
+        write_json(out_dir / "checkpoints.json", summary)
+        return summary
 
 
 def _window_count(cache: Path, ctx_len: int) -> int:

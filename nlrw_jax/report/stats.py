@@ -1,0 +1,93 @@
+"""The report's statistics: rank correlation, paired differences between conditions, the sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nlrw_jax.report.format import isnum, num, signed
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (1-based)."""
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    avg = np.cumsum(counts) - (counts - 1) / 2.0
+    return avg[inv]
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation over the finite pairs (NaN when fewer than 3 or constant)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    try:
+        from scipy.stats import spearmanr
+
+        return float(spearmanr(x, y).statistic)
+    except ImportError:
+        return float(np.corrcoef(_rank(x), _rank(y))[0, 1])
+
+
+def column(latents: list[dict], key: str) -> np.ndarray:
+    return np.array([lat.get(key) if isnum(lat.get(key)) else np.nan for lat in latents], float)
+
+
+class RunResults:
+    def __init__(self, res: dict, values: dict | None):
+        self.res, self.values = res, values
+        self.conditions = res.get("conditions", [])
+        self.fractions = sorted({c["fraction"] for c in self.conditions if "fraction" in c})
+        self.fmax = max(self.fractions) if self.fractions else None
+        ce = values.get("ce") if values else None
+        self.ce = ce if ce is not None and len(ce) == len(self.conditions) else None
+
+    def find(self, name: str, selection: str | None = None, fraction: float | None = None) -> dict | None:
+        for c in self.conditions:
+            if c["name"] == name and (selection is None or c.get("selection") == selection) and \
+                    (fraction is None or c.get("fraction") == fraction):
+                return c
+        return None
+
+    def index(self, c: dict) -> int:
+        return next(i for i, x in enumerate(self.conditions) if x is c)
+
+    def paired_diff(self, a: dict, b: dict, n: int = 1000, seed: int = 0) -> tuple[float, list[float]] | None:
+        """Mean CE(a) - CE(b) over the same sentences, with a bootstrap 95% CI (needs values.npz)."""
+        if self.ce is None:
+            return None
+        d = self.ce[self.index(a)] - self.ce[self.index(b)]
+        d = d[np.isfinite(d)]
+        if not len(d):
+            return None
+        idx = np.random.default_rng(seed).integers(0, len(d), (n, len(d)))
+        boot = d[idx].mean(-1)
+        return float(d.mean()), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
+def compare(run: RunResults, a: dict, b: dict) -> str:
+    """Words for how certain 'CE(a) vs CE(b)' is: the paired difference's CI, else CI overlap."""
+    pd = run.paired_diff(a, b)
+    if pd is not None:
+        m, (lo, hi) = pd
+        where = "excludes 0" if lo > 0 or hi < 0 else "includes 0: the difference is within the CI"
+        return f"paired difference {signed(m)} nats, 95% CI [{num(lo)}, {num(hi)}] ({where})"
+    (alo, ahi), (blo, bhi) = a["ce_ci"], b["ce_ci"]
+    overlap = isnum(alo) and isnum(bhi) and alo <= bhi and blo <= ahi
+    return "the 95% CIs overlap (within the CI)" if overlap else "the 95% CIs do not overlap"
+
+
+def sweep_entries(res: dict) -> list[dict]:
+    """calibration_sweep rows with the estimator and size parsed from the variant name."""
+    out = []
+    for s in res.get("calibration_sweep", []):
+        v = s["variant"]
+        if v == "raw":
+            est, size = None, None
+        elif v == "normalised":
+            est, size = res.get("estimator"), res.get("calibration_contexts")
+        else:
+            parts = v.split(":")
+            est, size = (parts[1], int(parts[2])) if len(parts) == 3 and parts[2].isdigit() else (None, None)
+        out.append({**s, "estimator": est, "size": size})
+    return out
