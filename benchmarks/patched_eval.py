@@ -12,6 +12,12 @@ out here.) The score is the cross-entropy of the next token at p.
              sentences (padded to one compiled shape, as `nlrw evaluate` does) giving CE
              [39, batch]; the clean model runs once per sentence up to the patched layer, each
              condition only changes row p, which then runs through the remaining layers.
+  ours (kv)  nlrw_jax.rewrite.patched.make_patched_ce_kv, same batches: the clean run covers
+             only the batch's first max(p) + 1 tokens (rounded up to --kv-length-multiple), and
+             each condition's row p runs through the later layers as one KV-cache decode step
+             against the clean keys/values before p (all conditions of a batch in one step).
+             --sort-by-p adds a third timing of it with the sentences sorted by p first, so each
+             batch's truncated length is close to its own positions (what bucketing would give).
   reference  transformers' GPTNeoXForCausalLM, one forward of the whole 256-token window per
              (sentence, condition), with a forward hook on gpt_neox.layers[L].mlp that replaces
              the MLP output at p only by the transcoder decode of the combined latent vector:
@@ -19,7 +25,7 @@ out here.) The score is the cross-entropy of the next token at p.
              the simulated values, top k of that, acts @ W_dec + b_dec + x @ W_skip.T. Clean:
              no hook; zero ablation: output at p set to 0. float32, torch.inference_mode.
 
-Model: assets/tiny-pythia/final (float32 on both sides); transcoder: runs/tiny's trained one
+Model: assets/tiny-pythia/final (float32 on both sides); transcoder: runs/tiny's trained one (--coder)
 (runs/tiny/sparse/sparsify, k = 32, 4096 latents); sentences: the first N validation windows
 (.cache/tokens/validation), positions uniform in [31, 254] (seed 0). The reference runs the first
 --reference-sentences of ours' sentences; their CE must agree condition by condition.
@@ -33,12 +39,20 @@ the transcoder (trained on layer 5's MLP) is applied to layer 2's MLP input: mea
 model, but the same arithmetic on both sides, which is all the timing and the agreement need.
 
     .venv/bin/python benchmarks/patched_eval.py --sentences 64 --reference-sentences 8
+
+--model pythia-160m: a random-weight Pythia-160M-shaped model (d 768, 12 layers, 12 heads, vocab
+50304; written to a temporary HF folder so both sides load the same weights) with a random
+transcoder of --latents latents (k 32), at layer 6 (--layer; --general-layer -1), V = 5 value
+variants x 19 masks (the 18 above + all latents) + 3 = 98 conditions. The same validation token
+ids as the tiny run. --reference-sentences 0 skips the transformers loop (it is ~98 full forwards
+of a 160M model per sentence).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import tempfile
 import json
 import os
 import platform
@@ -53,11 +67,12 @@ import numpy as np
 import torch
 import transformers
 
-from common import setup_cpu
+from common import MODEL_SHAPES, random_model_folder, setup_cpu
 from nlrw_jax.data.tokens import validation_windows
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import GPTNeoX
-from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, make_patched_ce
+from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, make_patched_ce, make_patched_ce_kv
+from nlrw_jax.sparse import coder as sc
 from nlrw_jax.sparse.sparsify_format import load_sparsify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,21 +89,23 @@ VARIANTS = 2
 TOLERANCE = 1e-3
 
 
-def conditions(meta: list[dict]) -> list[str]:
-    return list(FIXED_CONDITIONS) + [f"v{v}:{m['selection']}:{m['fraction']}" for v in range(VARIANTS) for m in meta]
+def conditions(meta: list[dict], variants: int = VARIANTS) -> list[str]:
+    return list(FIXED_CONDITIONS) + [f"v{v}:{m['selection']}:{m['fraction']}" for v in range(variants) for m in meta]
 
 
-def make_inputs(coder: dict, n_sent: int, n_latents: int, scale: float, seed: int = 0):
+def make_inputs(coder: dict, n_sent: int, n_latents: int, scale: float, seed: int = 0, variants: int = VARIANTS,
+                all_latents: bool = False):
     """Windows [N, 256], positions [N], values [V, N, n] (random non-negative on 32 simulated
-    latents, zero elsewhere, like nlrw evaluate's), masks [18, n] (top / random x fractions)."""
+    latents, zero elsewhere, like nlrw evaluate's), masks [18, n] (top / random x fractions;
+    with all_latents a 19th, every latent, as nlrw evaluate adds)."""
     rng = np.random.default_rng(seed)
     windows = validation_windows(TOKENS, CTX, n_sent)
     positions = rng.integers(FIRST_POS, CTX - 1, size=n_sent).astype(np.int32)
     latents = rng.choice(n_latents, SIMULATED, replace=False)
     # About half the predictions are 0 (as a simulator's mostly are), the rest uniform in
     # [0, 2 * typical true activation], so simulated latents compete with true ones in the top k.
-    vals = rng.uniform(0, 2 * scale, (VARIANTS, n_sent, SIMULATED)) * (rng.random((VARIANTS, n_sent, SIMULATED)) < 0.5)
-    values = np.zeros((VARIANTS, n_sent, n_latents), np.float32)
+    vals = rng.uniform(0, 2 * scale, (variants, n_sent, SIMULATED)) * (rng.random((variants, n_sent, SIMULATED)) < 0.5)
+    values = np.zeros((variants, n_sent, n_latents), np.float32)
     values[:, :, latents] = vals
     top, rand = latents, rng.permutation(latents)  # "top": a fixed ranking (the order drawn)
     masks, meta = [], []
@@ -99,6 +116,9 @@ def make_inputs(coder: dict, n_sent: int, n_latents: int, scale: float, seed: in
             m[order[:n]] = True
             masks.append(m)
             meta.append({"selection": sel, "fraction": f, "n_selected": n})
+    if all_latents:
+        masks.append(np.ones(n_latents, bool))
+        meta.append({"selection": "all_latents", "fraction": 1.0, "n_selected": n_latents})
     return windows, positions, values, np.stack(masks), meta
 
 
@@ -114,8 +134,13 @@ def true_act_scale(module, lm_params, coder, k, layer, windows, positions) -> fl
 # ---------------------------------------------------------------------------------------- ours
 
 
-def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int) -> np.ndarray:
-    """nlrw evaluate's loop: batches of bs, padded to one compiled shape -> CE [C, N]."""
+def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int, sort: bool = False) -> np.ndarray:
+    """nlrw evaluate's loop: batches of bs, padded to one compiled shape -> CE [C, N]. fn returns
+    CE or (CE, KL). sort: batches of sentences sorted by p (results back in the given order)."""
+    if sort:
+        order = np.argsort(positions, kind="stable")
+        ce = run_ours(fn, lm_params, coder, windows[order], positions[order], values[:, order], masks, bs)
+        return ce[:, np.argsort(order)]
     ces = []
     for lo in range(0, len(windows), bs):
         w, p, v = windows[lo:lo + bs], positions[lo:lo + bs], values[:, lo:lo + bs]
@@ -123,6 +148,7 @@ def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int) -
         w, p = np.pad(w, ((0, pad), (0, 0))), np.pad(p, (0, pad), constant_values=positions[0])
         v = np.pad(v, ((0, 0), (0, pad), (0, 0)))
         got = fn(lm_params, coder, jnp.asarray(w), jnp.asarray(p), jnp.asarray(v), masks)
+        got = got[0] if isinstance(got, tuple) else got  # the kv path also returns KL
         ces.append(np.asarray(got)[:, :bs - pad])
     return np.concatenate(ces, axis=1)
 
@@ -140,7 +166,8 @@ class Reference:
     def decode(self, acts_dense, x):
         c = self.c
         acts, idx = torch.topk(acts_dense, self.k)
-        return acts @ c["W_dec"][idx] + c["b_dec"] + x @ c["W_skip"].T
+        out = acts @ c["W_dec"][idx] + c["b_dec"]
+        return out + x @ c["W_skip"].T if "W_skip" in c else out
 
     def ce(self, ids, p: int, layer: int, replace=None) -> float:
         handle = None
@@ -184,112 +211,188 @@ class Reference:
 # ---------------------------------------------------------------------------------------- main
 
 
+def random_transcoder(d: int, n: int, k: int) -> tuple[dict, dict]:
+    """A random transcoder with a skip term (decoder and skip at a scale that moves the output)."""
+    coder = sc.init_coder(jax.random.PRNGKey(1), d, n, kind="transcoder", skip=True)
+    coder["W_dec"] = jax.random.normal(jax.random.PRNGKey(2), (n, d)) * (0.1 / np.sqrt(d))
+    coder["W_skip"] = jax.random.normal(jax.random.PRNGKey(3), (d, d)) * (0.1 / np.sqrt(d))
+    return {name: np.asarray(v) for name, v in coder.items()}, dict(k=k, kind="transcoder", num_latents=n)
+
+
+PATHS = ("old", "kv", "kv_sorted")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("tiny", "pythia-160m"), default="tiny",
+                   help="tiny: assets/tiny-pythia/final + --coder; pythia-160m: random weights, random transcoder")
+    p.add_argument("--coder", default=str(CODER), help="sparsify folder of the tiny model's transcoder")
+    p.add_argument("--latents", type=int, default=32768, help="pythia-160m: the random transcoder's latents")
     p.add_argument("--sentences", type=int, default=64, help="sentences for ours")
-    p.add_argument("--reference-sentences", type=int, default=8, help="the first R of them for the reference loop")
+    p.add_argument("--reference-sentences", type=int, default=None,
+                   help="the first R of them for the reference loop (0: none; default tiny 8, pythia-160m 0)")
     p.add_argument("--batch", type=int, default=16, help="ours' batch (evaluate.batch_size)")
-    p.add_argument("--layer", type=int, default=5, help="configs/tiny.yaml's model.layer")
-    p.add_argument("--general-layer", type=int, default=2, help="a layer with layers after it (-1: skip)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (ours pass + reference pass)")
-    p.add_argument("--json", metavar="OUT", default=str(REPO / "benchmarks" / "results" / "patched_eval.json"))
+    p.add_argument("--layer", type=int, default=None, help="tiny: 5 (configs/tiny.yaml's model.layer); pythia-160m: 6")
+    p.add_argument("--general-layer", type=int, default=None,
+                   help="a layer with layers after it (-1: skip); tiny: 2, pythia-160m: -1")
+    p.add_argument("--variants", type=int, default=None, help="value variants (tiny: 2, pythia-160m: 5)")
+    p.add_argument("--all-latents-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the all-latents mask (19 masks; default on for pythia-160m)")
+    p.add_argument("--kv-length-multiple", type=int, default=32, help="make_patched_ce_kv's length_multiple")
+    p.add_argument("--sort-by-p", action="store_true", help="also time the kv path on sentences sorted by p")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (ours passes + reference pass)")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help="default benchmarks/results/patched_eval.json (tiny), patched_eval_pythia-160m.json")
     args = p.parse_args()
-    if not 0 < args.reference_sentences <= args.sentences:
-        sys.exit("--reference-sentences must be between 1 and --sentences")
-    command = (f"python benchmarks/patched_eval.py --sentences {args.sentences} --reference-sentences "
-               f"{args.reference_sentences} --batch {args.batch} --layer {args.layer} --general-layer "
-               f"{args.general_layer} --repeats {args.repeats}")
+    pythia = args.model == "pythia-160m"
+    args.layer = args.layer if args.layer is not None else (6 if pythia else 5)
+    args.general_layer = args.general_layer if args.general_layer is not None else (-1 if pythia else 2)
+    args.variants = args.variants or (5 if pythia else VARIANTS)
+    if args.reference_sentences is None:
+        args.reference_sentences = 0 if pythia else 8
+    args.all_latents_mask = pythia if args.all_latents_mask is None else args.all_latents_mask
+    args.json = args.json or str(REPO / "benchmarks" / "results" / (
+        "patched_eval_pythia-160m.json" if pythia else "patched_eval.json"))
+    if not 0 <= args.reference_sentences <= args.sentences:
+        sys.exit("--reference-sentences must be between 0 and --sentences")
+    command = (f"python benchmarks/patched_eval.py --model {args.model} --sentences {args.sentences} "
+               f"--reference-sentences {args.reference_sentences} --batch {args.batch} --layer {args.layer} "
+               f"--general-layer {args.general_layer} --variants {args.variants} "
+               f"--{'' if args.all_latents_mask else 'no-'}all-latents-mask --kv-length-multiple "
+               f"{args.kv_length_multiple}{' --sort-by-p' if args.sort_by_p else ''} --repeats {args.repeats}")
 
     threads, load = setup_cpu()
-    config, lm_params = hf.load(MODEL, dtype=jnp.float32)
+    tmp = tempfile.TemporaryDirectory()
+    if pythia:
+        model_dir = random_model_folder("pythia-160m", tmp.name)
+        coder, cmeta = random_transcoder(MODEL_SHAPES["pythia-160m"]["hidden_size"], args.latents, 32)
+        model_name, coder_name = "pythia-160m shape (random weights)", "random transcoder"
+    else:
+        model_dir = MODEL
+        coder, cmeta = load_sparsify(Path(args.coder))
+        model_name, coder_name = "tiny-pythia (trained)", f"{args.coder}"
+    config, lm_params = hf.load(model_dir, dtype=jnp.float32)
     module = GPTNeoX(config, dtype=jnp.float32)
-    coder, cmeta = load_sparsify(CODER)
     k, kind, n_latents = cmeta["k"], cmeta["kind"], cmeta["num_latents"]
-    hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    ref = Reference(hf_model, coder, k)
+    R = args.reference_sentences
+    ref = None
+    if R:
+        hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ref = Reference(hf_model, coder, k)
 
     probe = validation_windows(TOKENS, CTX, args.sentences)
     probe_pos = np.random.default_rng(0).integers(FIRST_POS, CTX - 1, size=args.sentences).astype(np.int32)
     scale = true_act_scale(module, lm_params, coder, k, args.layer, probe, probe_pos)
-    windows, positions, values, masks, mask_meta = make_inputs(coder, args.sentences, n_latents, scale)
-    names = conditions(mask_meta)
-    R = args.reference_sentences
+    windows, positions, values, masks, mask_meta = make_inputs(coder, args.sentences, n_latents, scale,
+                                                               variants=args.variants, all_latents=args.all_latents_mask)
+    names = conditions(mask_meta, args.variants)
     masks_j = jnp.asarray(masks)
+    paths = PATHS if args.sort_by_p else PATHS[:2]
 
     layers = [args.layer] + ([args.general_layer] if args.general_layer >= 0 else [])
     results = {}
     for layer in layers:
-        fn = make_patched_ce(module, layer, kind, k)
-        t0 = time.perf_counter()
-        ours_ce = run_ours(fn, lm_params, coder, windows[:args.batch], positions[:args.batch],
-                           values[:, :args.batch], masks_j, args.batch)
-        compile_s = time.perf_counter() - t0
-        ours_ce = run_ours(fn, lm_params, coder, windows, positions, values, masks_j, args.batch)
-        assert ours_ce.shape == (len(names), args.sentences), ours_ce.shape
-        t0 = time.perf_counter()
-        ref_ce = ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
-        first_ref_s = time.perf_counter() - t0
-        diff = np.abs(ours_ce[:, :R] - ref_ce)
-        results[layer] = dict(fn=fn, compile_s=compile_s, ours_ce=ours_ce, ref_ce=ref_ce, diff=diff,
-                              first_ref_s=first_ref_s, ours_s=[], ref_s=[])
-        worst = np.unravel_index(diff.argmax(), diff.shape)
-        print(f"layer {layer}: compile + first call {compile_s:.2f} s; max |ours - reference| CE {diff.max():.2e} "
-              f"(condition {names[worst[0]]}, sentence {worst[1]}); clean CE {ref_ce[0].mean():.4f}, "
-              f"transcoder {ref_ce[1].mean():.4f}, zero {ref_ce[2].mean():.4f}", flush=True)
-        if not diff.max() <= TOLERANCE:
-            print(f"WARNING: layer {layer}: CE disagrees beyond {TOLERANCE}: per condition max "
-                  + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diff.max(1)) if d > TOLERANCE), file=sys.stderr)
+        fns = {"old": make_patched_ce(module, layer, kind, k)}
+        fns["kv"] = fns["kv_sorted"] = make_patched_ce_kv(module, layer, kind, k, args.kv_length_multiple)
+        r = results[layer] = dict(fns=fns, compile_s={}, ce={}, s={path: [] for path in paths}, ref_s=[])
+        for path in paths:
+            sort = path == "kv_sorted"
+            if not sort:  # kv_sorted is the kv function: already compiled
+                t0 = time.perf_counter()
+                first = run_ours(fns[path], lm_params, coder, windows[:args.batch], positions[:args.batch],
+                                 values[:, :args.batch], masks_j, args.batch)
+                r["compile_s"][path] = time.perf_counter() - t0
+            if args.sentences <= args.batch and not sort:  # one batch: that was the whole pass
+                r["ce"][path] = first
+            else:  # untimed full pass: compiles every run length the kv path meets in these batches
+                r["ce"][path] = run_ours(fns[path], lm_params, coder, windows, positions, values, masks_j, args.batch,
+                                         sort)
+            assert r["ce"][path].shape == (len(names), args.sentences), r["ce"][path].shape
+        r["kv_vs_old"] = max(float(np.abs(r["ce"][path] - r["ce"]["old"]).max()) for path in paths[1:])
+        line = (f"layer {layer}: compile + first call " + ", ".join(f"{x} {t:.2f} s" for x, t in r["compile_s"].items())
+                + f"; max |kv - old| CE {r['kv_vs_old']:.2e} ({args.sentences} sentences)")
+        if ref is not None:
+            t0 = time.perf_counter()
+            r["ref_ce"] = ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
+            r["first_ref_s"] = time.perf_counter() - t0
+            r["diff"] = {path: np.abs(r["ce"][path][:, :R] - r["ref_ce"]) for path in paths}
+            d = r["diff"]["old"]
+            worst = np.unravel_index(d.argmax(), d.shape)
+            line += (f"; max |ours - reference| CE old {d.max():.2e} (condition {names[worst[0]]}, sentence "
+                     f"{worst[1]}), kv {max(r['diff'][x].max() for x in paths[1:]):.2e}; clean CE "
+                     f"{r['ref_ce'][0].mean():.4f}, transcoder {r['ref_ce'][1].mean():.4f}, zero {r['ref_ce'][2].mean():.4f}")
+            for path in paths:
+                if not r["diff"][path].max() <= TOLERANCE:
+                    print(f"WARNING: layer {layer} ({path}): CE disagrees beyond {TOLERANCE}: per condition max "
+                          + ", ".join(f"{n} {x:.2e}" for n, x in zip(names, r["diff"][path].max(1)) if x > TOLERANCE),
+                          file=sys.stderr)
+        print(line, flush=True)
+        if not r["kv_vs_old"] <= TOLERANCE:
+            print(f"WARNING: layer {layer}: kv and old paths disagree by {r['kv_vs_old']:.2e}", file=sys.stderr)
 
     for _ in range(args.repeats):
         for layer in layers:
             r = results[layer]
-            t0 = time.perf_counter()
-            run_ours(r["fn"], lm_params, coder, windows, positions, values, masks_j, args.batch)
-            r["ours_s"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
-            r["ref_s"].append(time.perf_counter() - t0)
+            for path in paths:
+                t0 = time.perf_counter()
+                run_ours(r["fns"][path], lm_params, coder, windows, positions, values, masks_j, args.batch,
+                         path == "kv_sorted")
+                r["s"][path].append(time.perf_counter() - t0)
+            if ref is not None:
+                t0 = time.perf_counter()
+                ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
+                r["ref_s"].append(time.perf_counter() - t0)
 
     machine = f"{platform.processor() or platform.machine()}, {threads} threads, jax on {jax.default_backend()}"
     vers = dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version())
-    print(f"\nmodel tiny-pythia (trained), float32; transcoder runs/tiny ({n_latents} latents, k={k}); "
+    print(f"\nmodel {model_name}, float32; transcoder {coder_name} ({n_latents} latents, k={k}); "
           f"{len(names)} conditions; ours {args.sentences} sentences in batches of {args.batch}, reference "
           f"{R} sentences x {len(names)} forwards; median of {args.repeats} passes; torch threads {threads}, "
           f"{', '.join(f'{a} {b}' for a, b in vers.items())}, load average at start {load:.1f}")
-    print("\n| layer | ours sentences/s | reference sentences/s | ours / reference | ours compile + first call | "
-          "max abs CE diff (R sentences x 39 conditions) |")
-    print("|---|---|---|---|---|---|")
+    head = ["layer", "old sentences/s", "kv sentences/s"] + (["kv sorted by p sentences/s"] if args.sort_by_p else [])
+    head += ["kv / old"] + (["kv sorted / old"] if args.sort_by_p else [])
+    if ref is not None:
+        head += ["reference sentences/s", "old / reference", "kv / reference"]
+    head += ["compile + first call (old, kv)", "max abs CE diff kv vs old"] + (
+        ["max abs CE diff vs reference (old, kv)"] if ref is not None else [])
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     out = {}
     for layer in layers:
         r = results[layer]
-        ours_sps = args.sentences / statistics.median(r["ours_s"])
-        ref_sps = R / statistics.median(r["ref_s"])
-        d = r["diff"]
-        groups = {"clean": d[0], "transcoder": d[1], "zero_ablation": d[2], "simulated": d[3:]}
-        print(f"| {layer} | {ours_sps:,.1f} | {ref_sps:,.2f} | **{ours_sps / ref_sps:,.0f}x** | {r['compile_s']:.2f} s | "
-              f"{d.max():.1e} |")
-        out[str(layer)] = dict(
-            ours_sentences_per_s=ours_sps, reference_sentences_per_s=ref_sps, ratio=ours_sps / ref_sps,
-            ours_forwards_per_s=ours_sps * len(names), reference_forwards_per_s=ref_sps * len(names),
-            ours_compile_and_first_call_s=r["compile_s"], reference_first_pass_s=r["first_ref_s"],
-            ours_pass_s=r["ours_s"], reference_pass_s=r["ref_s"],
-            ours_sentences_per_s_best=args.sentences / min(r["ours_s"]), reference_sentences_per_s_best=R / min(r["ref_s"]),
-            max_abs_ce_diff=float(d.max()), max_abs_ce_diff_by_group={g: float(v.max()) for g, v in groups.items()},
-            max_abs_ce_diff_by_condition=dict(zip(names, map(float, d.max(1)))),
-            mean_ce_reference=dict(zip(names, map(float, r["ref_ce"].mean(1)))),
-            mean_ce_ours_all_sentences=dict(zip(names, map(float, r["ours_ce"].mean(1)))))
-        print(f"    layer {layer} max |diff| by group: " + ", ".join(f"{g} {v.max():.1e}" for g, v in groups.items()))
+        sps = {path: args.sentences / statistics.median(r["s"][path]) for path in paths}
+        cells = [str(layer)] + [f"{sps[path]:,.3g}" for path in paths]
+        cells += [f"**{sps[path] / sps['old']:,.1f}x**" for path in paths[1:]]
+        res = dict(sentences_per_s=sps, pass_s=r["s"], compile_and_first_call_s=r["compile_s"],
+                   kv_over_old={path: sps[path] / sps["old"] for path in paths[1:]},
+                   max_abs_ce_diff_kv_vs_old=r["kv_vs_old"],
+                   mean_ce=dict(zip(names, map(float, r["ce"]["old"].mean(1)))))
+        if ref is not None:
+            ref_sps = R / statistics.median(r["ref_s"])
+            cells += [f"{ref_sps:,.3g}", f"{sps['old'] / ref_sps:,.1f}x", f"**{sps['kv'] / ref_sps:,.1f}x**"]
+            res.update(reference_sentences_per_s=ref_sps, reference_pass_s=r["ref_s"],
+                       reference_first_pass_s=r["first_ref_s"],
+                       over_reference={path: sps[path] / ref_sps for path in paths},
+                       max_abs_ce_diff_vs_reference={path: float(r["diff"][path].max()) for path in paths},
+                       mean_ce_reference=dict(zip(names, map(float, r["ref_ce"].mean(1)))))
+        cells += [f"{r['compile_s']['old']:.2f} s, {r['compile_s']['kv']:.2f} s", f"{r['kv_vs_old']:.1e}"]
+        if ref is not None:
+            cells += [f"{r['diff']['old'].max():.1e}, {max(r['diff'][x].max() for x in paths[1:]):.1e}"]
+        print("| " + " | ".join(cells) + " |")
+        out[str(layer)] = res
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; command: {command}")
 
     result = dict(command=command, date=datetime.date.today().isoformat(), machine=machine, torch_threads=threads,
                   jax_device=jax.devices()[0].device_kind, versions=vers, load_average_at_start=load,
-                  model=str(MODEL.relative_to(REPO)), coder=str(CODER.relative_to(REPO)), k=k, num_latents=n_latents,
+                  model=model_name, coder=coder_name, k=k, num_latents=n_latents,
                   dtype="float32", ctx_len=CTX, sentences=args.sentences, reference_sentences=R, batch=args.batch,
-                  repeats=args.repeats, conditions=names, n_conditions=len(names), value_scale=scale,
-                  load_average_at_end=os.getloadavg()[0], tolerance=TOLERANCE, layers=out)
+                  repeats=args.repeats, kv_length_multiple=args.kv_length_multiple, conditions=names,
+                  n_conditions=len(names), value_scale=scale, load_average_at_end=os.getloadavg()[0],
+                  tolerance=TOLERANCE, layers=out)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

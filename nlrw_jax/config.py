@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -331,7 +332,9 @@ def _resolve_inputs(raw: dict, base: Path) -> None:
             return value
         here = base / value
         # globs (data sources) resolve if their folder exists
-        return str(here) if here.exists() or (any(c in value for c in "*?[") and here.parent.exists()) else value
+        if here.exists() or (any(c in value for c in "*?[") and here.parent.exists()):
+            return os.path.normpath(here)
+        return value
 
     sections = {"model": ["checkpoint"], "data": ["train", "validation", "tokenizer"], "llm": ["model"]}
     for section, keys in sections.items():

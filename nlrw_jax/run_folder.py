@@ -77,6 +77,14 @@ class RunFolder:
         return self.dir("train") / "metrics.jsonl"
 
     @property
+    def pretrain_checkpoints(self) -> Path:
+        return self.dir("pretrain") / "checkpoints"
+
+    @property
+    def pretrain_metrics(self) -> Path:
+        return self.dir("pretrain") / "metrics.jsonl"
+
+    @property
     def train_summary(self) -> Path:
         return self.dir("train") / "summary.json"
 
@@ -320,7 +328,10 @@ def _lock(path: Path, exclusive: bool, what: str):
     system has no locks (some network mounts), the stage runs unlocked."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only folder or file system: before any work, one line
+        raise UserError(f"run folder {path.parent} is not writable: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)

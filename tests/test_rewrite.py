@@ -201,8 +201,10 @@ def test_bad_predictions_and_maps_are_refused(evaluated, tmp_path):
     np.savez(shard, **z)
     r = nlrw("calibrate", "configs/tiny.yaml", *args, "calibrate.sizes=[3]", check=False)
     assert r.returncode == 2 and f"latent {int(z['latents'][1])}" in r.stderr and "NaN" in r.stderr
-    # a quantile grid that is not monotone: refused, naming the file and the latent
+    # a quantile grid that is not monotone: refused, naming the file and the latent (a finished
+    # evaluate would skip, so its folder goes)
     shutil.copy(Path(cfg.run_dir) / "simulate" / "shards" / "00000.npz", shard)
+    shutil.rmtree(copy / "evaluate")
     path = RunFolder(copy).quantile_map("type8", 8)
     z = dict(np.load(path))
     z["pred_knots"][2, 5] = z["pred_knots"][2, 4] - 1.0

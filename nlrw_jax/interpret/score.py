@@ -4,9 +4,8 @@ Each scoring window is one prompt (system prompt, explanation, then the window) 
 one generation step after a forced "[": P(1) / (P(0) + P(1)) from the log-probs gives the AUC,
 P(1) > P(0) the label for balanced accuracy. Scoring windows are disjoint from the explainer's.
 
-run_dir/scores/: scores.jsonl (per latent, per batch), table.csv, ranking.json (latents by
-detection balanced accuracy, then AUC: the order "top-scoring first" rewriting uses),
-summary.json.
+`write_tables`: the per-latent table, the ranking (latents by detection balanced accuracy, then
+AUC: the order "top-scoring first" rewriting uses) and the summary.
 """
 
 from __future__ import annotations

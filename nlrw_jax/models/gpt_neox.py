@@ -11,13 +11,16 @@ pipeline, both as plain call arguments rather than hooks with hidden state:
   positions. This is how transcoders and simulated latents plug in.
 * `resid_replacements`: {layer: fn(resid_post) -> resid_post} replaces the layer's output
   (a residual-stream SAE spliced in after the layer).
+* A key/value cache: capture (layer, "kv") returns that layer's attention keys/values as a
+  `KVCache`; `kv_cache={layer: KVCache}` runs new rows against those cached keys/values (one
+  decode step), e.g. to push one patched row through the later layers of a clean prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 from nlrw_jax.errors import UserError
 
 CAPTURE_NAMES = ("resid_pre", "mlp_in", "mlp_out", "resid_post")
+KV = "kv"  # capture name of a layer's attention keys/values (a KVCache), next to CAPTURE_NAMES
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -156,12 +160,25 @@ class LayerNorm(nn.Module):
         return ln(x.astype(jnp.float32)).astype(self.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's attention keys/values for T positions: k, v [b, T, heads, head_size] (rotary
+    already applied, at each key's own position) and valid [b, T] bool (the keys a new row may
+    attend to: False for padding, or for positions at or after a row's own in a patched run)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
 class Attention(nn.Module):
     config: GPTNeoXConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None = None):
+        """-> (output, (k, v) of these rows). Without a cache, causal self-attention (mask hides
+        padding keys). With one, `mask` [b, 1, s, s] says which new rows each new row sees, and
+        every row also sees the cache's valid keys."""
         c = self.config
         b, s, _ = x.shape
         init = nn.initializers.normal(c.initializer_range)
@@ -171,12 +188,20 @@ class Attention(nn.Module):
         q, k, v = jnp.split(qkv, 3, axis=-1)
         if c.rotary_ndims:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # jax.nn.dot_product_attention: softmax in fp32, and on CPU ~3x faster than the plain
-        # einsum/where/softmax chain; on GPU it can dispatch to cuDNN's fused kernel.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=1.0 / math.sqrt(c.head_size))
+        scale = 1.0 / math.sqrt(c.head_size)
+        if cache is None:
+            # jax.nn.dot_product_attention: softmax in fp32, and on CPU ~3x faster than the plain
+            # einsum/where/softmax chain; on GPU it can dispatch to cuDNN's fused kernel.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
+        else:
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            old = jnp.broadcast_to(cache.valid.astype(bool)[:, None, None, :], (b, 1, s, cache.k.shape[1]))
+            out = jax.nn.dot_product_attention(q, keys, values, mask=jnp.concatenate([old, mask], axis=-1),
+                                               scale=scale)
         out = out.reshape(b, s, c.hidden_size)
         out_init = nn.initializers.normal(c.initializer_range / math.sqrt(2 * c.num_hidden_layers))
-        return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=out_init, name="dense")(out)
+        return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=out_init, name="dense")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -201,16 +226,16 @@ class Layer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, replacement: MlpReplacement | None = None):
+    def __call__(self, x, cos, sin, mask, replacement: MlpReplacement | None = None, cache: KVCache | None = None):
         c = self.config
         ln1 = LayerNorm(c.layer_norm_eps, self.dtype, name="input_layernorm")
         ln2 = LayerNorm(c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
         mlp = MLP(c, self.dtype, name="mlp")
-        attn_out = Attention(c, self.dtype, name="attention")(ln1(x), cos, sin, mask)
+        attn_out, kv = Attention(c, self.dtype, name="attention")(ln1(x), cos, sin, mask, cache)
         mlp_in = ln2(x) if c.use_parallel_residual else ln2(x + attn_out)
         mlp_out = mlp(mlp_in) if replacement is None else replacement(mlp_in, mlp).astype(self.dtype)
         out = x + attn_out + mlp_out
-        return out, {"resid_pre": x, "mlp_in": mlp_in, "mlp_out": mlp_out, "resid_post": out}
+        return out, {"resid_pre": x, "mlp_in": mlp_in, "mlp_out": mlp_out, "resid_post": out, KV: kv}
 
 
 class GPTNeoX(nn.Module):
@@ -232,40 +257,64 @@ class GPTNeoX(nn.Module):
         last_layer: int | None = None,
         resid: jax.Array | None = None,
         first_layer: int = 0,
+        kv_cache: Mapping[int, KVCache] | None = None,
     ):
         """`last_layer` stops after that layer (no logits: None), for activation capture; `resid`
         [b, s, d] with `first_layer` starts from that residual stream (input of `first_layer`)
-        instead of the embeddings, for patched runs that reuse a clean prefix of the model."""
+        instead of the embeddings, for patched runs that reuse a clean prefix of the model.
+
+        Capture (layer, "kv") returns that layer's KVCache for these s rows (valid = attention_mask,
+        or all True). `kv_cache` {layer: KVCache}, one for every layer that runs: the s rows are new
+        rows on top of the cache (a decode step). `position_ids` then gives their absolute positions
+        (default: T, T+1, ... after a T-long cache); `attention_mask` [b, s] marks the new rows that
+        are real. A new row sees the cache's valid keys, itself, and the new rows at earlier
+        positions: consecutive positions are ordinary decoding, while rows that share a position are
+        alternatives to each other (e.g. one patched row per condition) and never see one another."""
         c = self.config
         b, s = input_ids.shape
-        if s > c.max_position_embeddings:
+        if s > c.max_position_embeddings and kv_cache is None:  # decode rows carry their own positions
             raise UserError(f"sequence length {s} is longer than max_position_embeddings {c.max_position_embeddings}")
         capture = set(capture)
         for layer, name in capture:
-            if name not in CAPTURE_NAMES:
-                raise UserError(f"unknown capture point {name!r}; expected one of {CAPTURE_NAMES}")
+            if name not in (*CAPTURE_NAMES, KV):
+                raise UserError(f"unknown capture point {name!r}; expected one of {(*CAPTURE_NAMES, KV)}")
             _check_layer(layer, c)
-        for layer in [*(mlp_replacements or {}), *(resid_replacements or {})]:
+        for layer in [*(mlp_replacements or {}), *(resid_replacements or {}), *(kv_cache or {})]:
             _check_layer(layer, c)
         if last_layer is not None:
             _check_layer(last_layer, c)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
-        # Causality is applied inside the attention (is_causal); this mask only hides padding keys.
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        n_layers = c.num_hidden_layers if last_layer is None else last_layer + 1
+        layers = range(first_layer if resid is not None else 0, n_layers)
+        real = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+        if kv_cache is not None:
+            missing = [i for i in layers if i not in kv_cache]
+            if missing:  # a layer without a cache would silently attend to the new rows alone
+                raise UserError(f"kv_cache has no keys/values for layer(s) {missing}, which this call runs")
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(next(iter(kv_cache.values())).k.shape[1] + jnp.arange(s), (b, s))
+            pos = position_ids
+            sees = (pos[:, None, :] < pos[:, :, None]) & real[:, None, :]
+            mask = (sees | jnp.eye(s, dtype=bool))[:, None]  # [b, 1, s, s]: a row always sees itself
+        else:
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+            # Causality is applied inside the attention (is_causal); this mask only hides padding keys.
+            mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         cos, sin = rotary_tables(position_ids, c.rotary_ndims, c.rotary_emb_base)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range), name="embed_in")
         x = embed(input_ids) if resid is None else resid.astype(self.dtype)
         captured = {}
-        n_layers = c.num_hidden_layers if last_layer is None else last_layer + 1
-        for i in range(first_layer if resid is not None else 0, n_layers):
+        for i in layers:
             replacement = (mlp_replacements or {}).get(i)
-            x, points = Layer(c, self.dtype, name=f"layers_{i}")(x, cos, sin, mask, replacement)
+            cache = None if kv_cache is None else kv_cache[i]
+            x, points = Layer(c, self.dtype, name=f"layers_{i}")(x, cos, sin, mask, replacement, cache)
             if i in (resid_replacements or {}):
                 x = resid_replacements[i](x).astype(self.dtype)
             captured.update({(i, n): points[n] for n in CAPTURE_NAMES if (i, n) in capture})
+            if (i, KV) in capture:
+                captured[(i, KV)] = KVCache(*points[KV], real)
         if last_layer is not None:
             return None, captured
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="final_layer_norm")(x)

@@ -101,8 +101,9 @@ def run(cfg: Config, progress: bool = True) -> dict:
     ident = {"pretrain": identity(cfg.pretrain), "data": identity(cfg.data),
              "tokens": [token_data.cache_identity(c) for c in caches]}
     with contextlib.ExitStack() as stack:  # process 0 claims the folder; the others write checkpoints there too
-        run_dir = stack.enter_context(run.claim("pretrain", ident)) if proc == 0 else run.dir("pretrain")
-        manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        if proc == 0:
+            stack.enter_context(run.claim("pretrain", ident))
+        manager = ocp.CheckpointManager(run.pretrain_checkpoints, options=ocp.CheckpointManagerOptions(
             max_to_keep=p.keep_checkpoints, save_interval_steps=p.checkpoint_every))
         state = init_state()
         start = manager.latest_step()
@@ -111,7 +112,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
                 state=ocp.args.StandardRestore(abstract_like(state)),
                 data=token_data.GrainCheckpointRestore(data_iter)))["state"]
         start = start or 0
-        metrics_path = run_dir / "metrics.jsonl"
+        metrics_path = run.pretrain_metrics
         truncate_jsonl(metrics_path, start)
 
         out_dir = Path(p.out_dir)

@@ -159,5 +159,7 @@ def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_wind
     params = distributed.gather(state["params"])  # collective: every process takes part
     if distributed.is_primary():
         save_sparsify(params, run.coder, k=s.k, kind=s.kind, d_in=lm_config.hidden_size, num_latents=s.num_latents)
-        write_json(run.train_summary, {"steps": s.steps, "tokens": s.steps * s.batch_tokens, **final})
-    return final
+    summary = {"steps": s.steps, "tokens": s.steps * s.batch_tokens, **final}
+    if distributed.is_primary():
+        write_json(run.train_summary, summary)  # last: its presence says training is complete
+    return summary

@@ -1,0 +1,205 @@
+"""The KV-cache path of the Flax GPT-NeoX and the patched evaluation built on it
+(make_patched_ce_kv): same CE as make_patched_ce, KL against full hooked forwards, bad positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nlrw_jax.errors import UserError
+from nlrw_jax.models import hf
+from nlrw_jax.models.gpt_neox import KV, GPTNeoX, GPTNeoXConfig, init_params
+from nlrw_jax.rewrite.patched import check_positions, make_patched_ce, make_patched_ce_kv
+from nlrw_jax.sparse import coder as sc
+
+CE_TOL = 2e-4
+
+
+def small_config(parallel: bool, rotary_pct: float) -> GPTNeoXConfig:
+    # initializer_range 0.1 (not Pythia's 0.02) so the random model's outputs depend on the patch.
+    return GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, rotary_pct=rotary_pct,
+                         use_parallel_residual=parallel, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return hf.load("assets/tiny-pythia/final")
+
+
+def model_for(name, tiny):
+    if name == "tiny":
+        return tiny
+    parallel, pct = name
+    config = small_config(parallel, pct)
+    return config, init_params(config, seed=1)
+
+
+# ------------------------------------------------------------------------------ the KV cache
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("pct", [0.25, 1.0])
+def test_prefix_then_decode_step_equals_full_forward(parallel, pct):
+    """Keys/values of a prefix + new rows (one, then two at consecutive positions) == the full
+    forward's logits there, also with left padding (attention_mask) in the prefix."""
+    config = small_config(parallel, pct)
+    params = init_params(config, seed=0)
+    model = GPTNeoX(config)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (2, 16)), jnp.int32)
+    attn = jnp.ones((2, 16), jnp.int32).at[1, :3].set(0)  # sentence 1 left-padded by 3
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    layers = range(config.num_hidden_layers)
+    full, _ = model.apply({"params": params}, ids, attn, pos)
+    for p, n_new in [(9, 1), (11, 2), (15, 1)]:
+        _, got = model.apply({"params": params}, ids[:, :p], attn[:, :p], pos[:, :p], capture=[(i, KV) for i in layers])
+        cache = {i: got[(i, KV)] for i in layers}
+        assert cache[0].k.shape == (2, p, 4, 8) and bool((cache[0].valid == attn[:, :p].astype(bool)).all())
+        step, _ = model.apply({"params": params}, ids[:, p:p + n_new], attn[:, p:p + n_new], pos[:, p:p + n_new],
+                              kv_cache=cache)
+        np.testing.assert_allclose(step, full[:, p:p + n_new], atol=1e-5, rtol=0)
+    # No padding, no positions given: the new row's position defaults to the cache's length.
+    step, _ = model.apply({"params": params}, ids[:1, 9:10], kv_cache=_prefix(model, params, ids[:1, :9], layers))
+    np.testing.assert_allclose(step, full[:1, 9:10], atol=1e-5, rtol=0)
+
+
+def _prefix(model, params, ids, layers):
+    _, got = model.apply({"params": params}, ids, capture=[(i, KV) for i in layers])
+    return {i: got[(i, KV)] for i in layers}
+
+
+def test_decode_without_a_cache_for_every_layer_is_refused():
+    config = small_config(True, 0.25)
+    params = init_params(config)
+    model = GPTNeoX(config)
+    ids = jnp.zeros((1, 5), jnp.int32)
+    cache = _prefix(model, params, ids, [0, 1])
+    with pytest.raises(UserError, match=r"no keys/values for layer\(s\) \[2\]"):
+        model.apply({"params": params}, ids[:, :1], kv_cache=cache)
+    with pytest.raises(UserError, match="unknown capture point"):
+        model.apply({"params": params}, ids, capture=[(0, "kvv")])
+
+
+# ------------------------------------------------------------------- the patched evaluation
+
+
+def random_coder(d: int, n: int, kind: str):
+    coder = sc.init_coder(jax.random.PRNGKey(1), d, n, kind=kind, skip=kind == "transcoder")
+    coder["W_dec"] = jax.random.normal(jax.random.PRNGKey(2), (n, d)) * 0.3
+    if kind == "transcoder":
+        coder["W_skip"] = jax.random.normal(jax.random.PRNGKey(3), (d, d)) * 0.05
+    return coder
+
+
+def hooked_logp(model, params, coder, windows, positions, values, masks, layer, kind, k):
+    """Log-probabilities at p [C, B, vocab] from one full forward per condition, the replacement
+    spliced in at p only (mlp_replacements for a transcoder, resid_replacements for an SAE)."""
+    B, S = windows.shape
+    d, n = model.config.hidden_size, coder["W_enc"].shape[0]
+    at_p = (jnp.arange(S)[None, :] == positions[:, None])[..., None]
+    b = np.arange(B)
+
+    def run(row_fn=None):
+        hook = {}
+        if row_fn is not None:
+            def repl(*args):
+                x = args[0]
+                new = row_fn(x.reshape(-1, d)).reshape(x.shape)
+                old = args[1](x) if len(args) > 1 else x
+                return jnp.where(at_p, new, old)
+            hook = {"mlp_replacements": {layer: repl}} if kind == "transcoder" else {"resid_replacements": {layer: repl}}
+        logits, _ = model.apply({"params": params}, windows, **hook)
+        return jax.nn.log_softmax(logits[b, positions].astype(jnp.float32), axis=-1)
+
+    def simulated(v, m):
+        def row_fn(x):
+            acts, idx, _ = sc.encode(coder, x, k, kind=kind)
+            dense = jnp.zeros((x.shape[0], n)).at[jnp.arange(x.shape[0])[:, None], idx].set(acts)
+            vals = jnp.repeat(jnp.asarray(values[v]), S, axis=0)  # row b*S+s -> sentence b
+            xin = x - coder["b_dec"] if kind == "sae" else x
+            out = sc.decode(coder, *jax.lax.top_k(jnp.where(m, vals, dense), k))
+            return out + xin @ coder["W_skip"].T if "W_skip" in coder else out
+        return row_fn
+
+    out = [run(), run(lambda x: sc.forward(coder, x, k, kind=kind)["out"]), run(jnp.zeros_like)]
+    out += [run(simulated(v, masks[m])) for v in range(values.shape[0]) for m in range(masks.shape[0])]
+    return jnp.stack(out)
+
+
+CASES = [(name, kind, layer) for name in [(True, 0.25), (False, 1.0)]
+         for kind, layer in [("transcoder", 0), ("transcoder", 2), ("sae", 1)]]
+CASES += [("tiny", "transcoder", 2), ("tiny", "transcoder", 5), ("tiny", "sae", 3)]
+
+
+@pytest.mark.parametrize("name, kind, layer", CASES)
+def test_kv_path_equals_patched_ce_and_hooked_forwards(tiny, name, kind, layer):
+    """CE of make_patched_ce_kv == make_patched_ce (and == full hooked forwards); KL(clean || patched)
+    == the one from full hooked forwards; the clean row's KL is 0. The batch's positions differ
+    (each sentence's cache is cut at its own p) and the clean run is truncated."""
+    config, params = model_for(name, tiny)
+    model = GPTNeoX(config)
+    d, n, k = config.hidden_size, 64, 4
+    coder = random_coder(d, n, kind)
+    rng = np.random.default_rng(0)
+    S = 48
+    windows = jnp.asarray(rng.integers(0, config.vocab_size, (4, S)), jnp.int32)
+    positions = jnp.asarray([30, 3, 17, 21], jnp.int32)  # max 30: the clean run covers 32 of 48 tokens
+    values = jnp.asarray(rng.uniform(0, 2, (2, 4, n)), jnp.float32)
+    masks = np.zeros((2, n), bool)
+    masks[0, :5] = True
+    masks[1] = True
+    masks = jnp.asarray(masks)
+    ce_old = np.asarray(make_patched_ce(model, layer, kind, k)(params, coder, windows, positions, values, masks))
+    ce, kl = map(np.asarray, make_patched_ce_kv(model, layer, kind, k, length_multiple=16)(
+        params, coder, windows, positions, values, masks))
+    assert ce.shape == kl.shape == (3 + 2 * 2, 4)
+    logp = hooked_logp(model, params, coder, windows, positions, values, masks, layer, kind, k)
+    ce_ref = -np.asarray(logp[:, np.arange(4), windows[np.arange(4), positions + 1]])
+    kl_ref = np.asarray(jnp.sum(jnp.exp(logp[0]) * (logp[0] - logp), axis=-1))
+    print(f"\n{name} {kind} layer {layer}: max |CE kv - CE old| {np.abs(ce - ce_old).max():.1e}, "
+          f"|CE kv - hooked| {np.abs(ce - ce_ref).max():.1e}, |KL kv - hooked| {np.abs(kl - kl_ref).max():.1e}, "
+          f"mean KL zero ablation {kl[2].mean():.3f}")
+    np.testing.assert_allclose(ce, ce_old, atol=CE_TOL, rtol=0)
+    np.testing.assert_allclose(ce, ce_ref, atol=CE_TOL, rtol=0)
+    np.testing.assert_allclose(kl, kl_ref, atol=CE_TOL, rtol=0)
+    assert (kl[0] == 0).all()
+    assert kl.max() > 1e-2  # the patches matter: the comparison is not between near-equal numbers
+
+
+def test_truncation_length_does_not_change_the_result(tiny):
+    """Truncated to max(p)+1 exactly, to a multiple of 16, or not at all (length_multiple >= S):
+    the same CE and KL; and the run lengths are what run_length says."""
+    from nlrw_jax.rewrite.patched import run_length
+
+    config, params = tiny
+    model = GPTNeoX(config)
+    coder = random_coder(config.hidden_size, 64, "transcoder")
+    rng = np.random.default_rng(1)
+    windows = jnp.asarray(rng.integers(0, config.vocab_size, (3, 40)), jnp.int32)
+    positions = jnp.asarray([5, 12, 0], jnp.int32)
+    values = jnp.asarray(rng.uniform(0, 2, (1, 3, 64)), jnp.float32)
+    masks = jnp.ones((1, 64), bool)
+    assert [run_length(positions, 40, m) for m in (1, 16, 64)] == [13, 16, 40]
+    got = [make_patched_ce_kv(model, 3, "transcoder", 4, length_multiple=m)(params, coder, windows, positions,
+                                                                            values, masks) for m in (1, 16, 64)]
+    for ce, kl in got[1:]:
+        np.testing.assert_allclose(ce, got[0][0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(kl, got[0][1], atol=1e-5, rtol=0)
+
+
+def test_positions_outside_the_window_are_refused(tiny):
+    config, params = tiny
+    fn = make_patched_ce_kv(GPTNeoX(config), 5, "transcoder", 4)
+    coder = random_coder(config.hidden_size, 64, "transcoder")
+    windows = jnp.zeros((2, 16), jnp.int32)
+    values, masks = jnp.zeros((1, 2, 64)), jnp.ones((1, 64), bool)
+    for bad, where in [([3, -1], "position -1 (sentence 1)"), ([15, 3], "position 15 (sentence 0)")]:
+        with pytest.raises(UserError, match=r"is outside the window: positions must be in \[0, 14\]") as e:
+            fn(params, coder, windows, jnp.asarray(bad, jnp.int32), values, masks)
+        assert where in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="3 positions for 2 windows"):
+        check_positions(np.array([1, 2, 3]), 16, 2)
+    with pytest.raises(UserError, match="1-D integer array"):
+        check_positions(np.array([1.0, 2.0]), 16)
+    check_positions(np.array([0, 14]), 16, 2)  # both ends are fine
