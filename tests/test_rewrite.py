@@ -26,7 +26,7 @@ from nlrw_jax.sparse import coder as sc
 
 SIM = ["simulate.sentences=6", "simulate.calibration=8", "simulate.contexts_per_shard=4",
        "simulate.latents_per_shard=3", "calibrate.sizes=[4]", "evaluate.fractions=[0.25,1.0]",
-       "evaluate.batch_size=4", "evaluate.bootstrap=200", "llm.dtype=bfloat16"]
+       "evaluate.batch_size=4", "evaluate.bootstrap=200"]
 
 
 # ------------------------------------------------------------------------------ pure functions
