@@ -12,7 +12,7 @@ from nlrw_jax.config import Config, identity
 from nlrw_jax.io import save_npz
 from nlrw_jax.rewrite import quantile as Q
 from nlrw_jax.rewrite.calibrate import raw_values, true_nonzero
-from nlrw_jax.stages.common import load_coder, load_examples, model_identity, open_rows, run_folder
+from nlrw_jax.stages.common import load_coder, load_examples, model_identity, run_folder
 from nlrw_jax.stages.simulate import load_predictions
 
 
@@ -38,8 +38,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
         ex = load_examples(cfg)
         latents, n_eval = preds["latents"], int(preds["contexts"]["n_eval"])
         calib = raw_values(preds, ex.data["max_act"], cfg.simulate.readout)[n_eval:]
-        params, meta, _ = load_coder(cfg)
-        nonzero, n_tokens = true_nonzero(params, meta, open_rows(cfg), latents, cfg.calibrate.true_tokens, progress)
+        nonzero, n_tokens = true_nonzero(ex.params, ex.meta, ex.rows, latents, cfg.calibrate.true_tokens, progress)
         levels = Q.quantile_levels()
         (out / "maps").mkdir(exist_ok=True)
         true_q = {e: np.stack([Q.true_quantiles(v, n_tokens, levels, e) for v in nonzero]) for e, _ in todo}
