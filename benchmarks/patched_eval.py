@@ -12,7 +12,8 @@ out here.) The score is the cross-entropy of the next token at p.
              sentences (padded to one compiled shape, as `nlrw evaluate` does) giving CE
              [39, batch]; the clean model runs once per sentence up to the patched layer, each
              condition only changes row p, which then runs through the remaining layers.
-  ours (kv)  nlrw_jax.rewrite.patched.make_patched_ce_kv, same batches: the clean run covers
+  ours (kv)  nlrw_jax.rewrite.patched.make_patched_eval ("each" mode, what `nlrw evaluate`
+             runs), same batches: the clean run covers
              only the batch's first max(p) + 1 tokens (rounded up to --kv-length-multiple), and
              each condition's row p runs through the later layers as one KV-cache decode step
              against the clean keys/values before p (all conditions of a batch in one step).
@@ -46,6 +47,10 @@ transcoder of --latents latents (k 32), at layer 6 (--layer; --general-layer -1)
 variants x 19 masks (the 18 above + all latents) + 3 = 98 conditions. The same validation token
 ids as the tiny run. --reference-sentences 0 skips the transformers loop (it is ~98 full forwards
 of a 160M model per sentence).
+
+--positions-per-window R also times both evaluation modes ("each": every position patched alone;
+"whole_layer": all of a window's positions at once) on the same windows with R consecutive
+positions each, 41 conditions (3 + 2 variants x 19 masks), as all-at-once simulation feeds them.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from common import MODEL_SHAPES, random_model_folder, setup_cpu
 from nlrw_jax.data.tokens import validation_windows
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import GPTNeoX
-from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, make_patched_ce, make_patched_ce_kv
+from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, make_patched_ce, make_patched_eval
 from nlrw_jax.sparse import coder as sc
 from nlrw_jax.sparse.sparsify_format import load_sparsify
 
@@ -147,10 +152,64 @@ def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int, s
         pad = bs - len(w)
         w, p = np.pad(w, ((0, pad), (0, 0))), np.pad(p, (0, pad), constant_values=positions[0])
         v = np.pad(v, ((0, 0), (0, pad), (0, 0)))
-        got = fn(lm_params, coder, jnp.asarray(w), jnp.asarray(p), jnp.asarray(v), masks)
-        got = got[0] if isinstance(got, tuple) else got  # the kv path also returns KL
+        if isinstance(fn, PatchedEval):  # one position per window: positions [B, 1], values [V, B, 1, n]
+            got = fn(lm_params, coder, jnp.asarray(w), p[:, None], np.ones((bs, 1), bool), jnp.asarray(v[:, :, None]),
+                     masks)[0][:, :, 0]  # (CE, KL) -> CE [C, B]
+        else:
+            got = fn(lm_params, coder, jnp.asarray(w), jnp.asarray(p), jnp.asarray(v), masks)
         ces.append(np.asarray(got)[:, :bs - pad])
     return np.concatenate(ces, axis=1)
+
+
+class PatchedEval:
+    """make_patched_eval (what `nlrw evaluate` calls), marked so run_ours passes its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.fn = make_patched_eval(*args, **kwargs)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def time_modes(module, lm_params, coder, kind: str, k: int, layer: int, windows, scale: float, n_latents: int,
+               positions_per_window: int, bs: int, repeats: int) -> dict:
+    """Windows with R consecutive evaluated positions (what all-at-once simulation gives), every
+    position patched alone ("each") or all at once ("whole_layer"): positions/s of each mode."""
+    R = positions_per_window
+    rng = np.random.default_rng(3)
+    n = len(windows)
+    start = rng.integers(FIRST_POS, CTX - 1 - R, size=n)
+    pos = (start[:, None] + np.arange(R)).astype(np.int32)
+    sim = rng.choice(n_latents, 32, replace=False)
+    values = np.zeros((2, n, R, n_latents), np.float32)
+    values[..., sim] = rng.uniform(0, scale, (2, n, R, 32))
+    masks = np.zeros((19, n_latents), bool)
+    for i in range(19):
+        masks[i, sim[:max(1, (i + 1) * 32 // 19)]] = True
+    out = {}
+    for mode in ("each", "whole_layer"):
+        fn = make_patched_eval(module, layer, kind, k, mode)
+
+        def one_pass():
+            for lo in range(0, n, bs):
+                ce, _ = fn(lm_params, coder, jnp.asarray(windows[lo:lo + bs]), pos[lo:lo + bs],
+                           np.ones((min(bs, n - lo), R), bool), jnp.asarray(values[:, lo:lo + bs]), jnp.asarray(masks))
+                np.asarray(ce)
+
+        t0 = time.perf_counter()
+        one_pass()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            one_pass()
+            times.append(time.perf_counter() - t0)
+        out[mode] = dict(positions_per_s=n * R / statistics.median(times), windows_per_s=n / statistics.median(times),
+                         compile_and_first_pass_s=first, pass_s=times)
+        print(f"layer {layer}, {n} windows x {R} positions, {3 + 2 * 19} conditions, {mode}: "
+              f"{out[mode]['positions_per_s']:,.1f} positions/s ({out[mode]['windows_per_s']:,.2f} windows/s)",
+              flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -238,7 +297,9 @@ def main():
     p.add_argument("--variants", type=int, default=None, help="value variants (tiny: 2, pythia-160m: 5)")
     p.add_argument("--all-latents-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="add the all-latents mask (19 masks; default on for pythia-160m)")
-    p.add_argument("--kv-length-multiple", type=int, default=32, help="make_patched_ce_kv's length_multiple")
+    p.add_argument("--kv-length-multiple", type=int, default=32, help="make_patched_eval's length_multiple")
+    p.add_argument("--positions-per-window", type=int, default=0,
+                   help="also time both evaluation modes on windows with this many consecutive positions (0: no)")
     p.add_argument("--sort-by-p", action="store_true", help="also time the kv path on sentences sorted by p")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (ours passes + reference pass)")
     p.add_argument("--json", metavar="OUT", default=None,
@@ -259,7 +320,8 @@ def main():
                f"--reference-sentences {args.reference_sentences} --batch {args.batch} --layer {args.layer} "
                f"--general-layer {args.general_layer} --variants {args.variants} "
                f"--{'' if args.all_latents_mask else 'no-'}all-latents-mask --kv-length-multiple "
-               f"{args.kv_length_multiple}{' --sort-by-p' if args.sort_by_p else ''} --repeats {args.repeats}")
+               f"{args.kv_length_multiple}{' --sort-by-p' if args.sort_by_p else ''} --repeats {args.repeats}"
+               f"{f' --positions-per-window {args.positions_per_window}' if args.positions_per_window else ''}")
 
     threads, load = setup_cpu()
     tmp = tempfile.TemporaryDirectory()
@@ -293,7 +355,7 @@ def main():
     results = {}
     for layer in layers:
         fns = {"old": make_patched_ce(module, layer, kind, k)}
-        fns["kv"] = fns["kv_sorted"] = make_patched_ce_kv(module, layer, kind, k, args.kv_length_multiple)
+        fns["kv"] = fns["kv_sorted"] = PatchedEval(module, layer, kind, k, "each", args.kv_length_multiple)
         r = results[layer] = dict(fns=fns, compile_s={}, ce={}, s={path: [] for path in paths}, ref_s=[])
         for path in paths:
             sort = path == "kv_sorted"
@@ -381,6 +443,11 @@ def main():
             cells += [f"{r['diff']['old'].max():.1e}, {max(r['diff'][x].max() for x in paths[1:]):.1e}"]
         print("| " + " | ".join(cells) + " |")
         out[str(layer)] = res
+    modes = {}
+    if args.positions_per_window:
+        print()
+        modes = {str(layer): time_modes(module, lm_params, coder, kind, k, layer, windows, scale, n_latents,
+                                        args.positions_per_window, args.batch, args.repeats) for layer in layers}
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; command: {command}")
 
     result = dict(command=command, date=datetime.date.today().isoformat(), machine=machine, torch_threads=threads,
@@ -389,7 +456,7 @@ def main():
                   dtype="float32", ctx_len=CTX, sentences=args.sentences, reference_sentences=R, batch=args.batch,
                   repeats=args.repeats, kv_length_multiple=args.kv_length_multiple, conditions=names,
                   n_conditions=len(names), value_scale=scale, load_average_at_end=os.getloadavg()[0],
-                  tolerance=TOLERANCE, layers=out)
+                  tolerance=TOLERANCE, layers=out, positions_per_window=args.positions_per_window, modes=modes)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     tmp.cleanup()

@@ -1,5 +1,6 @@
 """The KV-cache path of the Flax GPT-NeoX and the patched evaluation built on it
-(make_patched_ce_kv): same CE as make_patched_ce, KL against full hooked forwards, bad positions."""
+(make_patched_eval, both modes): same CE as make_patched_ce, CE and KL against full hooked
+forwards, several positions per window, bad positions."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from nlrw_jax.errors import UserError
 from nlrw_jax.models import hf
 from nlrw_jax.models.gpt_neox import KV, GPTNeoX, GPTNeoXConfig, init_params
-from nlrw_jax.rewrite.patched import check_positions, make_patched_ce, make_patched_ce_kv
+from nlrw_jax.rewrite.patched import MODES, check_positions, make_patched_ce, make_patched_eval, run_length
 from nlrw_jax.sparse import coder as sc
 
 CE_TOL = 2e-4
@@ -92,13 +93,17 @@ def random_coder(d: int, n: int, kind: str):
     return coder
 
 
-def hooked_logp(model, params, coder, windows, positions, values, masks, layer, kind, k):
-    """Log-probabilities at p [C, B, vocab] from one full forward per condition, the replacement
-    spliced in at p only (mlp_replacements for a transcoder, resid_replacements for an SAE)."""
+def hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k):
+    """Log-probabilities at each position [C, B, R, vocab] from one full forward per condition, the
+    replacement spliced in at all the real positions of each window at once (mlp_replacements for
+    a transcoder, resid_replacements for an SAE)."""
     B, S = windows.shape
+    R = positions.shape[1]
     d, n = model.config.hidden_size, coder["W_enc"].shape[0]
-    at_p = (jnp.arange(S)[None, :] == positions[:, None])[..., None]
-    b = np.arange(B)
+    b = np.arange(B)[:, None]
+    at_p = np.zeros((B, S), bool)
+    at_p[np.broadcast_to(b, positions.shape)[real], positions[real]] = True
+    at_p = jnp.asarray(at_p)[..., None]
 
     def run(row_fn=None):
         hook = {}
@@ -113,12 +118,18 @@ def hooked_logp(model, params, coder, windows, positions, values, masks, layer, 
         return jax.nn.log_softmax(logits[b, positions].astype(jnp.float32), axis=-1)
 
     def simulated(v, m):
+        full = np.zeros((B, S, n), np.float32)  # each window's values at its positions
+        for i in range(B):
+            for r in range(R):
+                if real[i, r]:
+                    full[i, positions[i, r]] = values[v, i, r]
+        full = jnp.asarray(full.reshape(B * S, n))
+
         def row_fn(x):
             acts, idx, _ = sc.encode(coder, x, k, kind=kind)
             dense = jnp.zeros((x.shape[0], n)).at[jnp.arange(x.shape[0])[:, None], idx].set(acts)
-            vals = jnp.repeat(jnp.asarray(values[v]), S, axis=0)  # row b*S+s -> sentence b
             xin = x - coder["b_dec"] if kind == "sae" else x
-            out = sc.decode(coder, *jax.lax.top_k(jnp.where(m, vals, dense), k))
+            out = sc.decode(coder, *jax.lax.top_k(jnp.where(m, full, dense), k))
             return out + xin @ coder["W_skip"].T if "W_skip" in coder else out
         return row_fn
 
@@ -127,79 +138,146 @@ def hooked_logp(model, params, coder, windows, positions, values, masks, layer, 
     return jnp.stack(out)
 
 
+def ce_kl(logp, windows, positions):
+    """CE of the next token and KL(clean || condition) from log-probabilities [C, B, R, vocab]."""
+    b = np.arange(windows.shape[0])[:, None]
+    nxt = np.asarray(windows)[b, positions + 1]
+    ce = -np.take_along_axis(np.asarray(logp), np.broadcast_to(nxt[None, :, :, None], logp.shape[:3] + (1,)), -1)[..., 0]
+    kl = np.asarray(jnp.sum(jnp.exp(logp[0]) * (logp[0] - logp), axis=-1))
+    return ce, kl
+
+
 CASES = [(name, kind, layer) for name in [(True, 0.25), (False, 1.0)]
          for kind, layer in [("transcoder", 0), ("transcoder", 2), ("sae", 1)]]
 CASES += [("tiny", "transcoder", 2), ("tiny", "transcoder", 5), ("tiny", "sae", 3)]
 
 
-@pytest.mark.parametrize("name, kind, layer", CASES)
-def test_kv_path_equals_patched_ce_and_hooked_forwards(tiny, name, kind, layer):
-    """CE of make_patched_ce_kv == make_patched_ce (and == full hooked forwards); KL(clean || patched)
-    == the one from full hooked forwards; the clean row's KL is 0. The batch's positions differ
-    (each sentence's cache is cut at its own p) and the clean run is truncated."""
-    config, params = model_for(name, tiny)
-    model = GPTNeoX(config)
-    d, n, k = config.hidden_size, 64, 4
-    coder = random_coder(d, n, kind)
-    rng = np.random.default_rng(0)
+def problem(config, kind, n=64, R=1, seed=0):
+    rng = np.random.default_rng(seed)
     S = 48
     windows = jnp.asarray(rng.integers(0, config.vocab_size, (4, S)), jnp.int32)
-    positions = jnp.asarray([30, 3, 17, 21], jnp.int32)  # max 30: the clean run covers 32 of 48 tokens
-    values = jnp.asarray(rng.uniform(0, 2, (2, 4, n)), jnp.float32)
+    if R == 1:
+        positions = np.array([[30], [3], [17], [21]], np.int32)  # max 30: the clean run covers 32 of 48 tokens
+        real = np.ones((4, 1), bool)
+    else:  # consecutive positions, as all-at-once simulation reads them; window 2 has fewer
+        positions = np.array([[27 + r for r in range(R)], [4 + r for r in range(R)],
+                              [12 + r for r in range(R)], [20 + r for r in range(R)]], np.int32)
+        real = np.ones((4, R), bool)
+        real[2, R // 2:] = False
+    values = rng.uniform(0, 2, (2, 4, R, n)).astype(np.float32)
     masks = np.zeros((2, n), bool)
     masks[0, :5] = True
     masks[1] = True
-    masks = jnp.asarray(masks)
-    ce_old = np.asarray(make_patched_ce(model, layer, kind, k)(params, coder, windows, positions, values, masks))
-    ce, kl = map(np.asarray, make_patched_ce_kv(model, layer, kind, k, length_multiple=16)(
-        params, coder, windows, positions, values, masks))
-    assert ce.shape == kl.shape == (3 + 2 * 2, 4)
-    logp = hooked_logp(model, params, coder, windows, positions, values, masks, layer, kind, k)
-    ce_ref = -np.asarray(logp[:, np.arange(4), windows[np.arange(4), positions + 1]])
-    kl_ref = np.asarray(jnp.sum(jnp.exp(logp[0]) * (logp[0] - logp), axis=-1))
-    print(f"\n{name} {kind} layer {layer}: max |CE kv - CE old| {np.abs(ce - ce_old).max():.1e}, "
-          f"|CE kv - hooked| {np.abs(ce - ce_ref).max():.1e}, |KL kv - hooked| {np.abs(kl - kl_ref).max():.1e}, "
-          f"mean KL zero ablation {kl[2].mean():.3f}")
-    np.testing.assert_allclose(ce, ce_old, atol=CE_TOL, rtol=0)
-    np.testing.assert_allclose(ce, ce_ref, atol=CE_TOL, rtol=0)
-    np.testing.assert_allclose(kl, kl_ref, atol=CE_TOL, rtol=0)
-    assert (kl[0] == 0).all()
-    assert kl.max() > 1e-2  # the patches matter: the comparison is not between near-equal numbers
+    return windows, positions, real, values, masks
+
+
+@pytest.mark.parametrize("name, kind, layer", CASES)
+def test_kv_path_equals_patched_ce_and_hooked_forwards(tiny, name, kind, layer):
+    """One position per window: CE of make_patched_eval == make_patched_ce (and == full hooked
+    forwards); KL(clean || patched) == the one from full hooked forwards; the clean row's KL is 0.
+    The batch's positions differ (each sentence's cache is cut at its own p) and the clean run is
+    truncated. Both modes agree here (one position: nothing else is patched)."""
+    config, params = model_for(name, tiny)
+    model = GPTNeoX(config)
+    k = 4
+    coder = random_coder(config.hidden_size, 64, kind)
+    windows, positions, real, values, masks = problem(config, kind)
+    ce_old = np.asarray(make_patched_ce(model, layer, kind, k)(params, coder, windows, jnp.asarray(positions[:, 0]),
+                                                               jnp.asarray(values[:, :, 0]), jnp.asarray(masks)))
+    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k),
+                           windows, positions)
+    for mode in MODES:
+        ce, kl = map(np.asarray, make_patched_eval(model, layer, kind, k, mode, length_multiple=16)(
+            params, coder, windows, positions, real, values, masks))
+        assert ce.shape == kl.shape == (3 + 2 * 2, 4, 1)
+        print(f"\n{name} {kind} layer {layer} {mode}: max |CE kv - CE old| {np.abs(ce[..., 0] - ce_old).max():.1e}, "
+              f"|CE kv - hooked| {np.abs(ce - ce_ref).max():.1e}, |KL kv - hooked| {np.abs(kl - kl_ref).max():.1e}, "
+              f"mean KL zero ablation {kl[2].mean():.3f}")
+        np.testing.assert_allclose(ce[..., 0], ce_old, atol=CE_TOL, rtol=0)
+        np.testing.assert_allclose(ce, ce_ref, atol=CE_TOL, rtol=0)
+        np.testing.assert_allclose(kl, kl_ref, atol=CE_TOL, rtol=0)
+        assert (kl[0] == 0).all()
+        assert kl.max() > 1e-2  # the patches matter: the comparison is not between near-equal numbers
+
+
+@pytest.mark.parametrize("name, kind, layer", [((True, 0.25), "transcoder", 0), ((False, 1.0), "sae", 1),
+                                               ("tiny", "transcoder", 2), ("tiny", "transcoder", 5)])
+def test_many_positions_each_alone_and_whole_layer(tiny, name, kind, layer):
+    """Several positions per window (one window with unused slots). "each" == a hooked forward per
+    position, patched alone; "whole_layer" == one hooked forward per condition with every real
+    position of the window patched at once, so later positions see patched earlier ones."""
+    config, params = model_for(name, tiny)
+    model = GPTNeoX(config)
+    k, R = 4, 4
+    coder = random_coder(config.hidden_size, 64, kind)
+    windows, positions, real, values, masks = problem(config, kind, R=R, seed=1)
+    each, _ = map(np.asarray, make_patched_eval(model, layer, kind, k, "each", length_multiple=8)(
+        params, coder, windows, positions, real, values, masks))
+    _, kl_each = make_patched_eval(model, layer, kind, k, "each", length_multiple=8)(
+        params, coder, windows, positions, real, values, masks)
+    whole, kl_whole = map(np.asarray, make_patched_eval(model, layer, kind, k, "whole_layer")(
+        params, coder, windows, positions, real, values, masks))
+    for r in range(R):
+        sel = real[:, r]
+        one = (positions[:, r:r + 1], np.ones((4, 1), bool), values[:, :, r:r + 1])
+        ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, one[0], one[1], one[2], masks, layer,
+                                           kind, k), windows, one[0])
+        np.testing.assert_allclose(each[:, sel, r], ce_ref[:, sel, 0], atol=CE_TOL, rtol=0)
+        np.testing.assert_allclose(np.asarray(kl_each)[:, sel, r], kl_ref[:, sel, 0], atol=CE_TOL, rtol=0)
+    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k),
+                           windows, positions)
+    np.testing.assert_allclose(whole[:, real], ce_ref[:, real], atol=CE_TOL, rtol=0)
+    np.testing.assert_allclose(kl_whole[:, real], kl_ref[:, real], atol=CE_TOL, rtol=0)
+    diff = np.abs(whole - each)[:, real].max()
+    print(f"\n{name} {kind} layer {layer}: max |CE whole - CE each| {diff:.3f}")
+    if layer < config.num_hidden_layers - 1:
+        assert diff > 1e-2  # later layers see the other patched rows: the modes differ
+    else:
+        np.testing.assert_allclose(whole, each, atol=1e-5, rtol=0)  # nothing runs after the patch
 
 
 def test_truncation_length_does_not_change_the_result(tiny):
     """Truncated to max(p)+1 exactly, to a multiple of 16, or not at all (length_multiple >= S):
     the same CE and KL; and the run lengths are what run_length says."""
-    from nlrw_jax.rewrite.patched import run_length
-
     config, params = tiny
     model = GPTNeoX(config)
     coder = random_coder(config.hidden_size, 64, "transcoder")
     rng = np.random.default_rng(1)
     windows = jnp.asarray(rng.integers(0, config.vocab_size, (3, 40)), jnp.int32)
-    positions = jnp.asarray([5, 12, 0], jnp.int32)
-    values = jnp.asarray(rng.uniform(0, 2, (1, 3, 64)), jnp.float32)
-    masks = jnp.ones((1, 64), bool)
+    positions = np.array([[5], [12], [0]], np.int32)
+    real = np.ones((3, 1), bool)
+    values = rng.uniform(0, 2, (1, 3, 1, 64)).astype(np.float32)
+    masks = np.ones((1, 64), bool)
     assert [run_length(positions, 40, m) for m in (1, 16, 64)] == [13, 16, 40]
-    got = [make_patched_ce_kv(model, 3, "transcoder", 4, length_multiple=m)(params, coder, windows, positions,
-                                                                            values, masks) for m in (1, 16, 64)]
-    for ce, kl in got[1:]:
-        np.testing.assert_allclose(ce, got[0][0], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(kl, got[0][1], atol=1e-5, rtol=0)
+    for mode in MODES:
+        got = [make_patched_eval(model, 3, "transcoder", 4, mode, length_multiple=m)(
+            params, coder, windows, positions, real, values, masks) for m in (1, 16, 64)]
+        for ce, kl in got[1:]:
+            np.testing.assert_allclose(ce, got[0][0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(kl, got[0][1], atol=1e-5, rtol=0)
 
 
 def test_positions_outside_the_window_are_refused(tiny):
     config, params = tiny
-    fn = make_patched_ce_kv(GPTNeoX(config), 5, "transcoder", 4)
+    fn = make_patched_eval(GPTNeoX(config), 5, "transcoder", 4)
     coder = random_coder(config.hidden_size, 64, "transcoder")
     windows = jnp.zeros((2, 16), jnp.int32)
-    values, masks = jnp.zeros((1, 2, 64)), jnp.ones((1, 64), bool)
+    values, masks = jnp.zeros((1, 2, 1, 64)), jnp.ones((1, 64), bool)
+    real = np.ones((2, 1), bool)
     for bad, where in [([3, -1], "position -1 (sentence 1)"), ([15, 3], "position 15 (sentence 0)")]:
         with pytest.raises(UserError, match=r"is outside the window: positions must be in \[0, 14\]") as e:
-            fn(params, coder, windows, jnp.asarray(bad, jnp.int32), values, masks)
+            fn(params, coder, windows, np.asarray(bad, np.int32)[:, None], real, values, masks)
         assert where in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="3 positions for 2 windows"):
         check_positions(np.array([1, 2, 3]), 16, 2)
-    with pytest.raises(UserError, match="1-D integer array"):
+    with pytest.raises(UserError, match="integer array"):
         check_positions(np.array([1.0, 2.0]), 16)
     check_positions(np.array([0, 14]), 16, 2)  # both ends are fine
+    check_positions(np.array([[0, 99]]), 16, 1, real=np.array([[True, False]]))  # unused slots are not checked
+    whole = make_patched_eval(GPTNeoX(config), 3, "transcoder", 4, "whole_layer")
+    with pytest.raises(UserError, match=r"whole_layer mode needs consecutive positions in each window, but window 1 "
+                                        r"has \[2, 4\]"):
+        whole(params, coder, windows, np.array([[1, 2], [2, 4]], np.int32), np.ones((2, 2), bool),
+              jnp.zeros((1, 2, 2, 64)), masks)
+    with pytest.raises(UserError, match="evaluation mode 'all' is not one of"):
+        make_patched_eval(GPTNeoX(config), 5, "transcoder", 4, "all")

@@ -44,8 +44,11 @@ def make_run(run_dir, *, raw_all=4.6, norm_all=4.3, n_sentences=24, latents_simu
     delta = boot - boot[:, :1]
     curve = [{"name": "step60", "fraction": 0.1, "ce": 5.2}, {"name": "step300", "fraction": 0.5, "ce": 4.5},
              {"name": "final", "fraction": 1.0, "ce": float(ce[0].mean())}]
+    kl = np.abs(ce - ce[:1]) * 0.5  # 0 for clean, larger for the worse conditions
+    boot_kl = kl[:, idx].mean(-1).T
     conditions = [{**c, "ce": float(ce[i].mean()), "ce_ci": _ci(boot[:, i]),
                    "delta_vs_clean": float((ce[i] - ce[0]).mean()), "delta_ci": _ci(delta[:, i]),
+                   "kl": float(kl[i].mean()), "kl_ci": _ci(boot_kl[:, i]),
                    "equivalent_fraction": 0.5, "equivalent_note": "0.500"} for i, c in enumerate(names)]
     latents = np.arange(0, 2 * latents_simulated, 2)
     true = np.where(rng.random((n_sentences, latents_simulated)) < 0.2,
@@ -79,7 +82,8 @@ def make_run(run_dir, *, raw_all=4.6, norm_all=4.3, n_sentences=24, latents_simu
     out = run_dir / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    np.savez(out / "values.npz", latents=latents, true=true, ce=ce, raw=raw, normalised=norm,
+    np.savez(out / "values.npz", latents=latents, true=true, ce=ce, kl=kl, window=np.arange(n_sentences), raw=raw,
+             normalised=norm,
              **{v.replace(":", "_"): norm for v in variants[2:]})
     return result
 
@@ -112,7 +116,17 @@ def test_report_tables_orderings_plots(tmp_path):
     assert re.search(r"^\| 0\.25 \| 2 \|", md, re.M)
     for row in ("| clean |", "| transcoder |", "| zero ablation |"):
         assert row in md
-    assert "| normalised:empirical:4 | top | 0.5 | 4 |" in md  # long table with the sweep variants
+    # the answer first: the setting, the rewrite against the baselines, the claims; then the plot
+    head = md.split("## ", 1)[0]
+    assert head.startswith("# Natural-language rewrite of layer 5: report\n\n**Setting:** the transcoder at layer 5;")
+    assert "| **best rewrite**: normalised (top, 1.0) |" in head and "| zero ablation |" in head
+    assert "The best rewrite **beats zero ablation** beyond the 95% CI" in head
+    assert "(b) normalisation helps: **holds**" in head and "(d) normalised ≈ zero ablation, not better: " \
+        "**does not hold**" in head
+    assert md.index("](loss_vs_fraction.png)") < md.index("## Loss of the rewritten layer")
+    assert "### KL(clean || patched) by fraction" in md
+    assert "| normalised:empirical:4 | top |" not in md  # the every-condition listing is in table.csv, linked
+    assert "table.csv`](" in md
     assert "| step300 | 0.500 | 4.5000 |" in md
     assert "| normalised:type8:4 | type8 | 4 |" in md  # calibration sweep table
     assert "with any true activation in the evaluation contexts: **7**" in md  # latent 0 never fires

@@ -162,8 +162,9 @@ class LayerNorm(nn.Module):
 
 class KVCache(NamedTuple):
     """One layer's attention keys/values for T positions: k, v [b, T, heads, head_size] (rotary
-    already applied, at each key's own position) and valid [b, T] bool (the keys a new row may
-    attend to: False for padding, or for positions at or after a row's own in a patched run)."""
+    already applied, at each key's own position) and valid bool, [b, T] or [b, s, T] per new row
+    (the keys a new row may attend to: False for padding, or for positions at or after a row's own
+    in a patched run)."""
 
     k: jax.Array
     v: jax.Array
@@ -177,8 +178,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: KVCache | None = None):
         """-> (output, (k, v) of these rows). Without a cache, causal self-attention (mask hides
-        padding keys). With one, `mask` [b, 1, s, s] says which new rows each new row sees, and
-        every row also sees the cache's valid keys."""
+        padding keys). With one, every row sees the cache's valid keys, and `mask` [b, 1, s, s] says
+        which new rows each new row sees; mask None: each new row sees itself only (independent
+        rows: no [s, s] scores, so thousands of alternative rows cost O(s T), not O(s^2))."""
         c = self.config
         b, s, _ = x.shape
         init = nn.initializers.normal(c.initializer_range)
@@ -194,14 +196,31 @@ class Attention(nn.Module):
             # einsum/where/softmax chain; on GPU it can dispatch to cuDNN's fused kernel.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
         else:
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            old = jnp.broadcast_to(cache.valid.astype(bool)[:, None, None, :], (b, 1, s, cache.k.shape[1]))
-            out = jax.nn.dot_product_attention(q, keys, values, mask=jnp.concatenate([old, mask], axis=-1),
-                                               scale=scale)
+            valid = cache.valid.astype(bool)
+            old = jnp.broadcast_to(valid[:, None, None, :] if valid.ndim == 2 else valid[:, None],
+                                   (b, 1, s, cache.k.shape[1]))
+            if mask is not None:
+                keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+                values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+                out = jax.nn.dot_product_attention(q, keys, values, mask=jnp.concatenate([old, mask], axis=-1),
+                                                   scale=scale)
+            else:
+                out = _attend_cache_and_self(q, k, v, cache, old, scale)
         out = out.reshape(b, s, c.hidden_size)
         out_init = nn.initializers.normal(c.initializer_range / math.sqrt(2 * c.num_hidden_layers))
         return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=out_init, name="dense")(out), (k, v)
+
+
+def _attend_cache_and_self(q, k, v, cache: KVCache, visible, scale: float):
+    """Softmax attention of each new row over the cache's visible keys and its own key, in float32."""
+    qf = q.astype(jnp.float32)
+    to_cache = jnp.einsum("bshd,bthd->bhst", qf, cache.k.astype(jnp.float32)) * scale
+    to_cache = jnp.where(visible, to_cache, -jnp.inf)  # visible [b, 1, s, T]
+    to_self = jnp.einsum("bshd,bshd->bhs", qf, k.astype(jnp.float32))[..., None] * scale
+    p = jax.nn.softmax(jnp.concatenate([to_cache, to_self], axis=-1), axis=-1)
+    out = jnp.einsum("bhst,bthd->bshd", p[..., :-1], cache.v.astype(jnp.float32))
+    out = out + jnp.swapaxes(p[..., -1], 1, 2)[..., None] * v.astype(jnp.float32)
+    return out.astype(q.dtype)
 
 
 class MLP(nn.Module):
@@ -258,6 +277,7 @@ class GPTNeoX(nn.Module):
         resid: jax.Array | None = None,
         first_layer: int = 0,
         kv_cache: Mapping[int, KVCache] | None = None,
+        independent_rows: bool = False,
     ):
         """`last_layer` stops after that layer (no logits: None), for activation capture; `resid`
         [b, s, d] with `first_layer` starts from that residual stream (input of `first_layer`)
@@ -269,7 +289,9 @@ class GPTNeoX(nn.Module):
         (default: T, T+1, ... after a T-long cache); `attention_mask` [b, s] marks the new rows that
         are real. A new row sees the cache's valid keys, itself, and the new rows at earlier
         positions: consecutive positions are ordinary decoding, while rows that share a position are
-        alternatives to each other (e.g. one patched row per condition) and never see one another."""
+        alternatives to each other (e.g. one patched row per condition) and never see one another.
+        `independent_rows`: every new row sees only the cache's valid keys (KVCache.valid may then
+        be per row, [b, s, T]) and itself, whatever its position: many patched rows, each alone."""
         c = self.config
         b, s = input_ids.shape
         if s > c.max_position_embeddings and kv_cache is None:  # decode rows carry their own positions
@@ -294,7 +316,10 @@ class GPTNeoX(nn.Module):
                 position_ids = jnp.broadcast_to(next(iter(kv_cache.values())).k.shape[1] + jnp.arange(s), (b, s))
             pos = position_ids
             sees = (pos[:, None, :] < pos[:, :, None]) & real[:, None, :]
-            mask = (sees | jnp.eye(s, dtype=bool))[:, None]  # [b, 1, s, s]: a row always sees itself
+            # [b, 1, s, s]: a row always sees itself; None: itself only (no [s, s] scores at all)
+            mask = None if independent_rows else (sees | jnp.eye(s, dtype=bool))[:, None]
+        elif independent_rows:
+            raise UserError("independent_rows needs a kv_cache: they are new rows on top of a cached prefix")
         else:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))

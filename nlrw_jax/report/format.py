@@ -25,12 +25,12 @@ def ci_text(ci, d: int = 4) -> str:
 
 
 def pm(c: dict | None, key: str = "ce", d: int = 4) -> str:
-    """A condition's CE (key="ce") or its increase over clean (key="delta_vs_clean") as mean ± half
-    the 95% CI width."""
+    """A condition's CE (key="ce"), its increase over clean (key="delta_vs_clean") or its KL to clean
+    (key="kl") as mean ± half the 95% CI width."""
     if c is None:
         return "—"
-    fmt = num if key == "ce" else signed
-    lo, hi = (c.get("ce_ci" if key == "ce" else "delta_ci") or [None, None])[:2]
+    fmt = signed if key == "delta_vs_clean" else num
+    lo, hi = (c.get({"ce": "ce_ci", "kl": "kl_ci"}.get(key, "delta_ci")) or [None, None])[:2]
     if isnum(lo) and isnum(hi):
         return f"{fmt(c[key], d)} ± {(hi - lo) / 2:.{d}f}"
     return fmt(c.get(key), d)

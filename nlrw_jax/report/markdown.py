@@ -13,12 +13,62 @@ def verdict(ok: bool | None) -> str:
     return "**n/a**" if ok is None else ("**holds**" if ok else "**does not hold**")
 
 
-def header(res: dict, run_dir: str) -> list[str]:
+def full_rewrite(run: RunResults, res: dict, variant: str) -> dict | None:
+    """The variant's condition with the whole layer rewritten: every latent (never-simulated ones as
+    0) when only some were simulated, else the top selection at the largest fraction."""
+    if res.get("latents_simulated", 0) < res.get("latents_total", 0) and run.find(variant, "all_latents"):
+        return run.find(variant, "all_latents")
+    return run.find(variant, "top", run.fmax)
+
+
+def summary(run: RunResults, res: dict, claims: list[tuple[str, str, bool | None]]) -> list[str]:
+    """The first screen: the setting in one line, the rewrite against the baselines in CE and KL, the
+    equivalent training fraction, and which of the paper's claims hold."""
+    mode = res.get("mode", "each")
+    per = res.get("positions_per_window", 1)
+    where = ("one position per window" if per == 1 else f"up to {per} positions per window") + \
+        (", each patched alone" if mode == "each" else ", all patched at once (the whole layer)")
+    lines = [f"# Natural-language rewrite of layer {res.get('layer')}: report", "",
+             f"**Setting:** the {res.get('kind')} at layer {res.get('layer')}; {res.get('latents_simulated')} of "
+             f"{res.get('latents_total')} latents simulated from their explanations; "
+             f"{res.get('contexts', res.get('sentences'))} evaluation contexts in {res.get('sentences')} windows "
+             f"({where}; `{mode}` mode).", ""]
+    full = [c for c in (full_rewrite(run, res, v) for v in VARIANTS) if c is not None]
+    # The best rewrite of the whole layer, over every calibration variant.
+    candidates = full + [c for c in run.conditions if c["name"] not in FIXED and (
+        c.get("selection") == "all_latents" if full and full[0].get("selection") == "all_latents"
+        else c.get("selection") == "top" and c.get("fraction") == run.fmax)]
+    best = min(candidates, key=lambda c: c["ce"], default=None)
+    rows = []
+    named = [("clean", run.find("clean")), ("transcoder (every true latent)", run.find("transcoder")),
+             ("zero ablation", run.find("zero_ablation")), (f"**best rewrite**: {condition_label(best)}"
+                                                             if best else "best rewrite", best)]
+    for label, c in named + [(condition_label(c), c) for c in full if c is not best]:
+        if c is not None:
+            rows.append([label, num(c["ce"]), f"{signed(c['delta_vs_clean'])} {ci_text(c['delta_ci'])}",
+                         f"{num(c.get('kl'))} {ci_text(c.get('kl_ci'))}", c.get("equivalent_note", "")])
+    lines += table(["condition", "CE", "Δ CE vs clean (95% CI)", "KL to clean (95% CI)",
+                     "equivalent training fraction"], rows)
+    zero = run.find("zero_ablation")
+    if best is not None and zero is not None:
+        pd = run.paired_diff(best, zero)
+        if pd is not None:
+            beats = "beats" if pd[1][1] < 0 else "is worse than" if pd[1][0] > 0 else "does not differ from"
+            lines += ["", f"The best rewrite **{beats} zero ablation** beyond the 95% CI: CE difference "
+                          f"{signed(pd[0])} nats [{num(pd[1][0])}, {num(pd[1][1])}]."]
+    lines += ["", "**The paper's claims:** " + "; ".join(f"({tag}) {short} {verdict(ok)}" for tag, short, ok in claims)
+              + " (details under Orderings).", ""]
+    return lines
+
+
+def setting(res: dict, run_dir: str) -> list[str]:
     rows = [
         ("run folder", f"`{run_dir}`"),
         ("layer", res.get("layer")),
         ("kind", res.get("kind")),
-        ("evaluation sentences", res.get("sentences")),
+        ("evaluation windows / contexts", f"{res.get('sentences')} / {res.get('contexts', res.get('sentences'))}"),
+        ("simulation mode", res.get("simulate_mode", "one_at_a_time")),
+        ("evaluation mode (main)", res.get("mode", "each")),
         ("calibration contexts", res.get("calibration_contexts")),
         ("latents (total / simulated / explained)",
          f"{res.get('latents_total')} / {res.get('latents_simulated')} / {res.get('latents_explained')}"),
@@ -27,11 +77,11 @@ def header(res: dict, run_dir: str) -> list[str]:
         ("quantile estimator (normalised)", f"{res.get('estimator')}, {res.get('calibration_contexts')} contexts"),
         ("fractions replaced", ", ".join(frac(f) for f in res.get("fractions", []))),
     ]
-    return ["# Natural-language rewrite of the layer: report", "",
-            *table(["setting", "value"], [[k, v] for k, v in rows], "ll"), "",
-            "CE is the mean next-token cross-entropy (nats) at one position per evaluation sentence; 95% CIs "
-            "are bootstrap over sentences (paired with clean for Δ). Fractions are of the simulated latents; "
-            "\"top\" takes the best-scoring latents, \"random\" a random set of the same size.", ""]
+    return ["## Setting", "", *table(["setting", "value"], [[k, v] for k, v in rows], "ll"), "",
+            "CE is the mean next-token cross-entropy (nats) at the evaluated positions; KL is KL(clean || "
+            "patched) of the next-token distribution there. 95% CIs are bootstrap over windows (paired with "
+            "clean for Δ). Fractions are of the simulated latents; \"top\" takes the best-scoring latents, "
+            "\"random\" a random set of the same size.", ""]
 
 
 def main_tables(run: RunResults) -> list[str]:
@@ -51,23 +101,41 @@ def main_tables(run: RunResults) -> list[str]:
         n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
         rows.append([frac(f), n, *cells])
     lines += table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
+    lines += ["", "### KL(clean || patched) by fraction (mean ± half the 95% CI width)", ""]
+    rows = []
+    for f in run.fractions:
+        cells = [pm(run.find(v, s, f), "kl") for v in VARIANTS for s in SELECTIONS]
+        n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
+        rows.append([frac(f), n, *cells])
+    lines += table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
     lines += ["", "### Fixed conditions", ""]
     rows = []
     full = [(f"{v}, every latent (never-explained ones = 0)", run.find(v, "all_latents")) for v in VARIANTS]
     for label, c in [(FIXED_LABELS[name], run.find(name)) for name in FIXED] + full:
         if c is not None:
             rows.append([label, num(c["ce"]), ci_text(c["ce_ci"]),
-                         f"{signed(c['delta_vs_clean'])} {ci_text(c['delta_ci'])}", c.get("equivalent_note", "")])
-    lines += table(["condition", "CE", "95% CI", "Δ vs clean (95% CI)", "equivalent training fraction"], rows)
-    lines += ["", "### Every condition", "",
-              "Variants `normalised:<estimator>:<contexts>` are the calibration sweep; `normalised` is the main "
-              "estimator with every calibration context.", ""]
-    rows = [[c["name"], c.get("selection", ""), frac(c["fraction"]) if "fraction" in c else "",
-             c.get("n_selected", ""), num(c["ce"]), ci_text(c["ce_ci"]), signed(c["delta_vs_clean"]),
-             ci_text(c["delta_ci"]), c.get("equivalent_note", "")] for c in run.conditions]
-    lines += table(["condition", "selection", "fraction", "n_selected", "CE", "95% CI", "Δ vs clean",
-                     "Δ 95% CI", "equivalent training fraction"], rows, "lllrrrrrr")
+                         f"{signed(c['delta_vs_clean'])} {ci_text(c['delta_ci'])}",
+                         f"{num(c.get('kl'))} {ci_text(c.get('kl_ci'))}", c.get("equivalent_note", "")])
+    lines += table(["condition", "CE", "95% CI", "Δ vs clean (95% CI)", "KL (95% CI)",
+                     "equivalent training fraction"], rows)
     return lines + [""]
+
+
+def other_modes(res: dict) -> list[str]:
+    """The conditions evaluated in the other modes (evaluate.modes after the first): fixed ones and
+    the full rewrites."""
+    lines = []
+    for mode, conds in (res.get("other_modes") or {}).items():
+        what = {"whole_layer": "all of a window's positions patched at once, later positions seeing the patched "
+                               "earlier ones", "each": "each position patched alone"}.get(mode, mode)
+        fmax = max((c["fraction"] for c in conds if "fraction" in c), default=None)
+        shown = [c for c in conds if c["name"] in FIXED or c.get("selection") == "all_latents"
+                 or (c.get("selection") == "top" and c.get("fraction") == fmax)]
+        lines += [f"## Evaluation mode `{mode}`", "", f"The same conditions with {what}.", "",
+                  *table(["condition", "CE", "Δ vs clean (95% CI)", "KL (95% CI)"],
+                         [[condition_label(c), num(c["ce"]), f"{signed(c['delta_vs_clean'])} {ci_text(c['delta_ci'])}",
+                           f"{num(c.get('kl'))} {ci_text(c.get('kl_ci'))}"] for c in shown]), ""]
+    return lines
 
 
 def checkpoint_table(res: dict) -> list[str]:
@@ -130,7 +198,14 @@ def predictions_section(res: dict) -> list[str]:
     return lines + ["", "![specificity and sensitivity vs detection AUC](specificity_sensitivity.png)", ""]
 
 
-def orderings(run: RunResults, res: dict) -> list[str]:
+SHORT_CLAIMS = {"a": "transcoder beats the normalised rewrite:", "b": "normalisation helps:",
+                "c": "raw predictions are worse than zero ablation:", "d": "normalised ≈ zero ablation, not better:",
+                "e1": "top latents beat random (normalised):", "e2": "top latents beat random (raw):",
+                "f": "normalisation trades sensitivity for specificity:"}
+
+
+def orderings(run: RunResults, res: dict) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    """The orderings section, and each claim's (tag, short text, verdict) for the summary."""
     f = run.fmax
     fl = frac(f) if f is not None else "?"
     tc, zero = run.find("transcoder"), run.find("zero_ablation")
@@ -143,12 +218,16 @@ def orderings(run: RunResults, res: dict) -> list[str]:
                  f"the full rewrite (`all_latents`: every latent replaced, never-explained ones by 0); (e) uses "
                  f"the fractions of the simulated latents.")
     lines = ["## Orderings (the paper's claims, checked)", "", scope, ""]
+    claims = []
 
     def item(tag: str, claim: str, a: dict | None, b: dict | None, ok_fn) -> None:
+        short = SHORT_CLAIMS[tag]
         if a is None or b is None:
             lines.append(f"- **({tag})** {claim}: {verdict(None)} (condition missing).")
+            claims.append((tag, short, None))
             return
         ok = ok_fn(a["ce"], b["ce"]) if isnum(a["ce"]) and isnum(b["ce"]) else None
+        claims.append((tag, short, ok))
         lines.append(f"- **({tag})** {claim}: {verdict(ok)}. {condition_label(a)} {num(a['ce'])} vs "
                      f"{condition_label(b)} {num(b['ce'])}; {compare(run, a, b)}.")
 
@@ -158,6 +237,7 @@ def orderings(run: RunResults, res: dict) -> list[str]:
          raw, zero, lambda x, y: x > y)
     if norm is None or zero is None or not (isnum(norm["ce"]) and isnum(zero["ce"])):
         lines.append(f"- **(d)** normalised (top) does not beat zero ablation (paper: similar): {verdict(None)}.")
+        claims.append(("d", SHORT_CLAIMS["d"], None))
     else:
         pd = run.paired_diff(norm, zero)
         # holds unless normalised is lower beyond the noise (the paired CI, else the conditions' own CIs)
@@ -171,6 +251,7 @@ def orderings(run: RunResults, res: dict) -> list[str]:
                      f"{verdict(ok)}. "
                      f"{condition_label(norm)} {num(norm['ce'])} vs zero ablation {num(zero['ce'])}; "
                      f"{compare(run, norm, zero)}.{similar}")
+        claims.append(("d", SHORT_CLAIMS["d"], ok))
     total = res.get("latents_simulated")
     for tag, v in (("e1", "normalised"), ("e2", "raw")):
         better, n, sig = 0, 0, 0
@@ -183,6 +264,7 @@ def orderings(run: RunResults, res: dict) -> list[str]:
             pd = run.paired_diff(t, r)
             sig += pd is not None and pd[1][1] < 0
         ok = None if n == 0 else better > n / 2
+        claims.append((tag, SHORT_CLAIMS[tag], ok))
         extra = f"; at {sig} of them the paired difference's CI excludes 0" if run.ce is not None else ""
         lines.append(f"- **({tag})** {v}: top selection has lower CE than random at most fractions: {verdict(ok)}. "
                      f"Lower at {better} of {n} fractions (fractions selecting every latent left out){extra}.")
@@ -190,6 +272,7 @@ def orderings(run: RunResults, res: dict) -> list[str]:
     r, nm = sweep.get("raw"), sweep.get("normalised")
     if r is None or nm is None:
         lines.append(f"- **(f)** specificity rises and sensitivity falls with normalisation: {verdict(None)}.")
+        claims.append(("f", SHORT_CLAIMS["f"], None))
     else:
         sp = (nm["pooled_specificity"] > r["pooled_specificity"]) if isnum(nm["pooled_specificity"]) and \
             isnum(r["pooled_specificity"]) else None
@@ -201,7 +284,8 @@ def orderings(run: RunResults, res: dict) -> list[str]:
                      f"({'rises' if sp else 'does not rise' if sp is not None else 'n/a'}); sensitivity "
                      f"{num(r['pooled_sensitivity'], 3)} → {num(nm['pooled_sensitivity'], 3)} "
                      f"({'falls' if se else 'does not fall' if se is not None else 'n/a'}).")
-    return lines + [""]
+        claims.append(("f", SHORT_CLAIMS["f"], ok))
+    return lines + [""], claims
 
 
 def other_stages(ev: dict | None, sp: dict | None, sc: dict | None) -> list[str]:

@@ -48,17 +48,21 @@ def _log_fraction_axis(ax, fractions: list[float]) -> None:
 
 
 def plot_loss(run: RunResults, path: Path) -> None:
-    """Left: mean CE with its 95% CI; right: CE - clean CE with the paired 95% CI (the between-sentence
-    spread cancels, so this is the panel that separates the conditions)."""
-    fig = _new_figure(13, 4.8)
-    axes = fig.subplots(1, 2, sharex=True)
+    """Left: mean CE with its 95% CI; middle: CE - clean CE with the paired 95% CI (the
+    between-sentence spread cancels, so this is the panel that separates the conditions); right:
+    KL(clean || patched) of the next-token distribution, on a log axis (it spans decades)."""
+    panels = [("ce", "ce_ci"), ("delta_vs_clean", "delta_ci")]
+    if any(isnum(c.get("kl")) for c in run.conditions):
+        panels.append(("kl", "kl_ci"))
+    fig = _new_figure(6.5 * len(panels), 4.8)
+    axes = fig.subplots(1, len(panels), sharex=True)
     colours = {"raw": "tab:red", "normalised": "tab:blue"}
     refs = {"clean": ("black", ":"), "transcoder": ("tab:green", "-."), "zero_ablation": ("tab:gray", "-")}
-    for ax, (key, ci_key) in zip(axes, (("ce", "ce_ci"), ("delta_vs_clean", "delta_ci"))):
+    for ax, (key, ci_key) in zip(axes, panels):
         for v in VARIANTS:
             for s in SELECTIONS:
                 cs = [run.find(v, s, f) for f in run.fractions]
-                pts = [(f, c[key], c[ci_key]) for f, c in zip(run.fractions, cs) if c is not None and isnum(c[key])]
+                pts = [(f, c[key], c[ci_key]) for f, c in zip(run.fractions, cs) if c is not None and isnum(c.get(key))]
                 if not pts:
                     continue
                 x = np.array([p[0] for p in pts])
@@ -70,18 +74,23 @@ def plot_loss(run: RunResults, path: Path) -> None:
                 ax.fill_between(x, lo, hi, color=colours[v], alpha=0.12 if s == "top" else 0.06, lw=0)
         for name, (col, ls) in refs.items():
             c = run.find(name)
-            if c is not None and isnum(c[key]):
+            if c is not None and isnum(c.get(key)) and not (key == "kl" and c[key] <= 0):
                 ax.axhline(c[key], color=col, ls=ls, lw=1.2, label=f"{FIXED_LABELS[name]} ({c[key]:+.3f})"
-                           if key != "ce" else f"{FIXED_LABELS[name]} ({c[key]:.3f})")
+                           if key == "delta_vs_clean" else f"{FIXED_LABELS[name]} ({c[key]:.3f})")
         _log_fraction_axis(ax, run.fractions)
         ax.set_xlabel("fraction of simulated latents replaced (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("mean CE (nats)")
-    axes[0].set_title("mean CE (bands: 95% CI over sentences)")
+    axes[0].set_title("mean CE (bands: 95% CI over windows)")
     axes[1].set_ylabel("CE - clean CE (nats)")
     axes[1].set_title("increase over clean (bands: paired 95% CI)")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.suptitle("Loss of the rewritten layer vs fraction of latents replaced by their simulations")
+    if len(panels) == 3:
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("KL(clean || patched) (nats, log scale)")
+        axes[2].set_title("KL to the clean next-token distribution")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    mode = run.res.get("mode", "each")
+    fig.suptitle(f"Loss of the rewritten layer vs fraction of latents replaced by their simulations ({mode} mode)")
     _save_fig(fig, path)
 
 

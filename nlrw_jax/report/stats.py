@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nlrw_jax.report.format import isnum, num, signed
+from nlrw_jax.rewrite.metrics import bootstrap
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -52,17 +53,20 @@ class RunResults:
     def index(self, c: dict) -> int:
         return next(i for i, x in enumerate(self.conditions) if x is c)
 
-    def paired_diff(self, a: dict, b: dict, n: int = 1000, seed: int = 0) -> tuple[float, list[float]] | None:
-        """Mean CE(a) - CE(b) over the same sentences, with a bootstrap 95% CI (needs values.npz)."""
-        if self.ce is None:
+    def paired_diff(self, a: dict, b: dict, n: int = 1000, seed: int = 0,
+                    key: str = "ce") -> tuple[float, list[float]] | None:
+        """Mean CE(a) - CE(b) (or KL, key="kl") over the same contexts, with a bootstrap 95% CI that
+        resamples whole windows (values.npz "window"; contexts of one window are correlated)."""
+        arr = self.values.get(key) if self.values else None
+        if arr is None or len(arr) != len(self.conditions):
             return None
-        d = self.ce[self.index(a)] - self.ce[self.index(b)]
-        d = d[np.isfinite(d)]
-        if not len(d):
+        d = arr[self.index(a)] - arr[self.index(b)]
+        window = self.values.get("window")
+        ok = np.isfinite(d)
+        if not ok.any():
             return None
-        idx = np.random.default_rng(seed).integers(0, len(d), (n, len(d)))
-        boot = d[idx].mean(-1)
-        return float(d.mean()), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        boot = bootstrap(d[ok][None], n, seed, None if window is None else np.asarray(window)[ok])[:, 0]
+        return float(d[ok].mean()), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
 def compare(run: RunResults, a: dict, b: dict) -> str:

@@ -38,21 +38,29 @@ def selection_masks(ranking: list[int], latents: np.ndarray, num_latents: int, f
     return np.stack(masks), meta
 
 
-def bootstrap(ce: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """[n, C] condition means over resampled sentences (the same resample for every condition)."""
+def bootstrap(x: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """[n, C] condition means of x [C, N] over resampled contexts, the same resample for every
+    condition (so differences are paired). `groups` [N] (the contexts' windows) resamples whole
+    windows: positions of one window are correlated, so they move together (a cluster bootstrap)."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, ce.shape[1], (n, ce.shape[1]))
-    return ce[:, idx].mean(-1).T
+    inv = np.arange(x.shape[1]) if groups is None else np.unique(groups, return_inverse=True)[1]
+    g = int(inv.max()) + 1
+    sums = np.stack([np.bincount(inv, weights=row, minlength=g) for row in x.astype(np.float64)])  # [C, G]
+    counts = np.bincount(inv, minlength=g).astype(np.float64)
+    picks = np.zeros((n, g))  # how often each window is drawn, per resample: means by matmul
+    np.add.at(picks, (np.arange(n)[:, None], rng.integers(0, g, (n, g))), 1.0)
+    return (picks @ sums.T) / (picks @ counts)[:, None]
 
 
 def ci(samples: np.ndarray) -> list[float]:
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
-def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, positions: np.ndarray, clean_ce: float,
-                     batch_size: int) -> list[dict]:
-    """CE at the evaluated positions of the model's partially trained checkpoints (checkpoints.json
-    next to a local checkpoint `folder`), sorted by training fraction; the final model is fraction 1."""
+def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, window: np.ndarray, positions: np.ndarray,
+                     clean_ce: float, batch_size: int) -> list[dict]:
+    """CE at the evaluated (window, position) contexts of the model's partially trained checkpoints
+    (checkpoints.json next to a local checkpoint `folder`), sorted by training fraction; the final
+    model is fraction 1. windows [W, S]; window, positions [N]: each context's window and position."""
     from nlrw_jax.models import hf
     from nlrw_jax.models.gpt_neox import GPTNeoX, token_cross_entropy
 
@@ -61,6 +69,7 @@ def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, positions: n
     if not index.exists():
         return curve
     dtype = jnp.dtype(dtype)
+    used = np.unique(window)  # each window runs once; all its positions are read from that run
     compiled = {}  # one jitted CE function per architecture: the checkpoints share it
     for name, entry in json.loads(index.read_text())["checkpoints"].items():
         if name == folder.name or not (folder.parent / name).is_dir():
@@ -68,12 +77,12 @@ def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, positions: n
         config, params = hf.load(folder.parent / name, dtype=dtype)
         if repr(config) not in compiled:
             model = GPTNeoX(config, dtype=dtype)
-            compiled[repr(config)] = jax.jit(lambda p, w, pos, model=model: token_cross_entropy(
-                model.apply({"params": p}, w)[0], w)[jnp.arange(w.shape[0]), pos])
-        ce_at = compiled[repr(config)]
-        bs = batch_size
-        ces = np.concatenate([np.asarray(ce_at(params, windows[i:i + bs], positions[i:i + bs]))
-                              for i in range(0, len(windows), bs)])
+            compiled[repr(config)] = jax.jit(lambda p, w, model=model: token_cross_entropy(
+                model.apply({"params": p}, w)[0], w))
+        ce_all = compiled[repr(config)]
+        per_window = np.concatenate([np.asarray(ce_all(params, windows[used[i:i + batch_size]]))
+                                     for i in range(0, len(used), batch_size)])
+        ces = per_window[np.searchsorted(used, window), positions]
         curve.append({"name": name, "fraction": float(entry["fraction"]), "ce": float(ces.mean())})
     return sorted(curve, key=lambda c: c["fraction"])
 

@@ -1,23 +1,21 @@
-"""One compiled patched forward: per-sentence cross-entropy for every condition at once.
+"""The patched forward: the next-token cross-entropy (and KL to the clean model) of every
+condition at once.
 
-Each evaluated sentence has one position p. The reference's rule (METHOD.md, "Evaluation"): take
-the transcoder's latent vector at p, overwrite the selected latents with their simulated values
-(the others keep their true values), keep the top k of the combined vector, decode it
-(acts @ W_dec + b_dec + x @ W_skip^T) and replace the MLP output at p only; the cross-entropy of
-the next token at p is the score. For a residual SAE the decoded vector replaces the residual
-stream at p instead.
+The reference's rule (METHOD.md, "Evaluation"): at an evaluated position p take the
+transcoder's latent vector, overwrite the selected latents with their simulated values (the
+others keep their true values), keep the top k of the combined vector, decode it
+(acts @ W_dec + b_dec + x @ W_skip^T) and replace the MLP output at p; the cross-entropy of the
+next token at p is the score. For a residual SAE the decoded vector replaces the residual
+stream at p instead. Conditions are: clean, transcoder (all true latents), zero ablation, then
+every (values variant x selection mask) pair.
 
-Nothing before layer `layer`, and nothing at positions other than p, depends on the condition,
-so the clean model runs once per sentence up to that layer; each condition only changes one row
-of the residual stream, which then runs through the remaining layers (none for the tiny
-default's last layer) and the unembedding at p alone. Conditions are: clean, transcoder (all
-true latents), zero ablation, then every (values variant x selection mask) pair.
-
-`make_patched_ce_kv` gives the same CE (and the KL to the clean next-token distribution) at a
-fraction of the cost when layers follow the patched one: positions after p cannot change the
-output at p, so the clean run stops at the batch's largest p; positions before p are the same in
-every condition, so each later layer attends to the clean run's keys/values there (a KV cache)
-and only the patched row is computed, for all conditions at once as one decode step.
+`make_patched_eval` is the one used: nothing before the coder's layer, and nothing after the
+window's last evaluated position, depends on the condition, so the clean model runs once per
+window up to that position, keeping each later layer's keys/values; the patched rows then run
+through the later layers as decode steps against that cache (one row per condition and
+position in "each" mode, the paper's protocol; all of a window's positions together in
+"whole_layer" mode). `make_patched_ce` is the plain full-window version (one whole forward of
+the later layers per condition), kept as the reference the tests and benchmarks compare with.
 """
 
 from __future__ import annotations
@@ -43,47 +41,62 @@ def check_shapes(values, masks, num_latents: int) -> None:
                         f"{num_latents}]")
 
 
-def check_positions(positions, seq_len: int, batch: int | None = None) -> None:
-    """positions [B] must be integers in [0, seq_len - 2]: the scored next token p + 1 is in the window."""
+def check_positions(positions, seq_len: int, batch: int | None = None, real=None) -> None:
+    """positions [B] or [B, R] (`real` [B, R] marks the used slots) must be integers in
+    [0, seq_len - 2]: the scored next token p + 1 is in the window."""
     p = np.asarray(positions)
-    if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer) or p.size == 0:
-        raise UserError(f"positions must be a non-empty 1-D integer array, got shape {p.shape} of {p.dtype}")
+    if p.ndim not in (1, 2) or not np.issubdtype(p.dtype, np.integer) or p.size == 0:
+        raise UserError(f"positions must be a non-empty [windows] or [windows, positions] integer array, got shape "
+                        f"{p.shape} of {p.dtype}")
     if batch is not None and p.shape[0] != batch:
-        raise UserError(f"{p.shape[0]} positions for {batch} windows: give one position per window")
-    bad = np.flatnonzero((p < 0) | (p > seq_len - 2))
+        raise UserError(f"{p.shape[0]} positions for {batch} windows: give one row of positions per window")
+    used = np.ones(p.shape, bool) if real is None else np.asarray(real, bool)
+    bad = np.argwhere(used & ((p < 0) | (p > seq_len - 2)))
     if bad.size:
-        raise UserError(f"position {int(p[bad[0]])} (sentence {int(bad[0])}) is outside the window: positions must "
+        where = tuple(int(i) for i in bad[0])
+        raise UserError(f"position {int(p[where])} (sentence {where[0]}) is outside the window: positions must "
                         f"be in [0, {seq_len - 2}] so that the next token p + 1 is inside the {seq_len}-token window")
 
 
-def _condition_rows(coder, got, positions, values, masks, layer: int, kind: str, k: int):
-    """The patched residual row at p after `layer` for every condition -> [C, B, d] float32.
-    `got`: the clean run's captures (mlp_in, mlp_out, resid_post) at `layer`."""
-    b = jnp.arange(positions.shape[0])
-    in_point = sc.points_for(kind)[0]
+def check_consecutive(positions, real) -> None:
+    """Whole-layer patching reuses the clean keys/values before a window's first patched position
+    only: after it, every position sees patched rows, so the patched ones must be consecutive."""
+    for i, (p, used) in enumerate(zip(np.asarray(positions), np.asarray(real, bool))):
+        p = p[used]
+        if p.size and not np.array_equal(p, np.arange(p[0], p[0] + p.size)):
+            raise UserError(f"whole_layer mode needs consecutive positions in each window, but window {i} has "
+                            f"{p.tolist()}")
+
+
+def _condition_rows(coder, x, resid_p, mlp_out_p, values, masks, kind: str, k: int):
+    """The patched residual rows after the coder's layer for every condition -> [C, P, d] float32.
+    x, resid_p, mlp_out_p [P, d]: the coder's input, the clean residual stream and the clean MLP
+    output at the P patched positions; values [V, P, n]; masks [M, n]."""
+    p_rows, n = x.shape[0], coder["W_enc"].shape[0]
+    rows = jnp.arange(p_rows)
 
     def decode(acts, x):
         out = sc.decode(coder, *sc.topk_latents(acts, k))
         return out + x @ coder["W_skip"].T if "W_skip" in coder else out
 
-    x = got[(layer, in_point)][b, positions].astype(jnp.float32)  # the coder's input at p
-    resid_p = got[(layer, "resid_post")][b, positions].astype(jnp.float32)
-    if kind == "transcoder":  # the MLP output at p is replaced; the rest of the row stays
-        base, clean = resid_p - got[(layer, "mlp_out")][b, positions], got[(layer, "mlp_out")][b, positions]
+    if kind == "transcoder":  # the MLP output is replaced; the rest of the row stays
+        base, clean = resid_p - mlp_out_p, mlp_out_p
     else:  # the SAE's reconstruction replaces the residual row itself
         base, clean = jnp.zeros_like(resid_p), resid_p
     top_acts, top_idx, _ = sc.encode(coder, x, k, kind=kind)
-    dense = jnp.zeros((x.shape[0], coder["W_enc"].shape[0]), jnp.float32).at[b[:, None], top_idx].set(top_acts)
+    dense = jnp.zeros((p_rows, n), jnp.float32).at[rows[:, None], top_idx].set(top_acts)
     if kind == "sae":
         x = x - coder["b_dec"]  # the skip term (if any) sees what the encoder sees
 
-    def simulated(vals, mask):  # [B, n], [n] -> the decoded replacement [B, d]
-        return decode(jnp.where(mask, vals, dense), x)
-
-    sims = jax.vmap(lambda v: jax.vmap(lambda m: simulated(v, m))(masks))(values)  # [V, M, B, d]
-    outs = jnp.concatenate([jnp.stack([clean.astype(jnp.float32), decode(dense, x), jnp.zeros_like(clean,
-                            jnp.float32)]), sims.reshape(-1, *sims.shape[2:])])  # [C, B, d]
-    return base[None] + outs
+    # One (variant, mask) pair at a time, in chunks of whole conditions: a [P, n] dense matrix per
+    # condition in flight, never [V * M, P, n] (at 32,768 latents and thousands of rows, GBs).
+    n_var, n_mask = values.shape[0], masks.shape[0]
+    pairs = (jnp.repeat(jnp.arange(n_var), n_mask), jnp.tile(jnp.arange(n_mask), n_var))
+    chunk = max(1, min(n_var * n_mask, (64 << 20) // max(1, p_rows * n)))
+    sims = jax.lax.map(lambda vm: decode(jnp.where(masks[vm[1]], values[vm[0]], dense), x), pairs,
+                       batch_size=chunk)  # [V * M, P, d]
+    fixed = jnp.stack([clean.astype(jnp.float32), decode(dense, x), jnp.zeros_like(clean, jnp.float32)])
+    return base[None] + jnp.concatenate([fixed, sims])  # [C, P, d]
 
 
 def _head_logp(model: GPTNeoX, lm_params, rows):
@@ -102,10 +115,12 @@ def make_patched_ce(model: GPTNeoX, layer: int, kind: str, k: int):
 
     def patched_ce(lm_params, coder, windows, positions, values, masks):
         b = jnp.arange(windows.shape[0])
+        in_point = sc.points_for(kind)[0]
         _, got = model.apply({"params": lm_params}, windows, last_layer=layer,
-                             capture=[(layer, "mlp_in"), (layer, "mlp_out"), (layer, "resid_post")])
+                             capture=[(layer, in_point), (layer, "mlp_out"), (layer, "resid_post")])
         resid = got[(layer, "resid_post")]  # [B, S, d]: the clean stream after `layer`
-        rows = _condition_rows(coder, got, positions, values, masks, layer, kind, k)
+        at_p = [got[(layer, n)][b, positions].astype(jnp.float32) for n in (in_point, "resid_post", "mlp_out")]
+        rows = _condition_rows(coder, *at_p, values, masks, kind, k)
 
         def finish(row):  # one condition: the patched row through the rest of the model, logits at p
             if layer < last:
@@ -128,51 +143,83 @@ def run_length(positions, seq_len: int, multiple: int) -> int:
     return min(seq_len, -(-need // multiple) * multiple)
 
 
-def make_patched_ce_kv(model: GPTNeoX, layer: int, kind: str, k: int, length_multiple: int = 32):
-    """fn(lm_params, coder_params, windows [B, S], positions [B], values [V, B, n], masks [M, n])
-    -> (CE [C, B], KL [C, B]), C = 3 + V*M in make_patched_ce's row order; KL = KL(clean || patched)
-    of the next-token distribution at p (0 for the clean row).
+MODES = ("each", "whole_layer")
 
-    Cost: one clean forward over the first run_length(positions) tokens, then C rows per sentence
-    through the later layers as one decode step against the clean keys/values. fn checks the
-    positions on the host (UserError), then calls a jit compiled once per run length."""
+
+def make_patched_eval(model: GPTNeoX, layer: int, kind: str, k: int, mode: str = "each",
+                      length_multiple: int = 32):
+    """fn(lm_params, coder_params, windows [B, S], positions [B, R], real [B, R], values [V, B, R, n],
+    masks [M, n]) -> (CE [C, B, R], KL [C, B, R]), C = 3 + V*M in make_patched_ce's row order;
+    KL = KL(clean || patched) of the next-token distribution at p (0 for the clean row). `real`
+    marks the used position slots (windows have different numbers of positions); the others'
+    outputs are meaningless.
+
+    mode "each": every position is patched alone (the paper's protocol with R = 1): each of the
+    C x R rows is one decode step against the clean keys/values before its own p.
+    mode "whole_layer": the window's positions are all patched at once, so a later position's
+    attention sees the patched rows of earlier ones (the layer truly replaced there): per
+    condition, the R rows run through the later layers together, as ordinary decoding, against
+    the clean keys/values of the unpatched positions.
+
+    Cost: one clean forward over the first run_length(positions) tokens (nothing after the last p
+    can reach an output at or before it), then the patched rows through the later layers. fn
+    checks the positions on the host (UserError), then calls a jit compiled once per run length."""
     c = model.config
     last = c.num_hidden_layers - 1
     later = list(range(layer + 1, last + 1))
-    sc.points_for(kind)
+    in_point = sc.points_for(kind)[0]
+    if mode not in MODES:
+        raise UserError(f"evaluation mode {mode!r} is not one of {MODES}")
     if length_multiple < 1:
         raise UserError(f"length_multiple must be >= 1, got {length_multiple}")
 
-    def patched(lm_params, coder, windows, positions, values, masks, length):
-        bsz = windows.shape[0]
-        b = jnp.arange(bsz)
-        capture = [(layer, "mlp_in"), (layer, "mlp_out"), (layer, "resid_post"), *[(i, KV) for i in later]]
-        # Causal: nothing after max(p) can reach any sentence's output at its p.
+    def patched(lm_params, coder, windows, positions, real, values, masks, length):
+        bsz, r = positions.shape
+        b = jnp.arange(bsz)[:, None]
+        capture = [(layer, in_point), (layer, "mlp_out"), (layer, "resid_post"), *[(i, KV) for i in later]]
         _, got = model.apply({"params": lm_params}, windows[:, :length], last_layer=last, capture=capture)
-        rows = _condition_rows(coder, got, positions, values, masks, layer, kind, k)  # [C, B, d]
-        if later:
-            # Sentence b's row sees the clean keys/values before its own p_b (p_b and later were clean
-            # tokens of the full run, not what the patched row sees) and itself.
-            valid = jnp.arange(length)[None, :] < positions[:, None]
+        at_p = [got[(layer, n)][b, positions].astype(jnp.float32).reshape(bsz * r, -1)
+                for n in (in_point, "resid_post", "mlp_out")]
+        rows = _condition_rows(coder, *at_p, values.reshape(values.shape[0], bsz * r, -1), masks, kind, k)
+        n_cond = rows.shape[0]
+        rows = rows.reshape(n_cond, bsz, r, -1)  # [C, B, R, d]
+
+        def later_layers(stream, pos, valid, **kw):  # stream [B, s, d] at positions pos [B, s]
             cache = {i: got[(i, KV)]._replace(valid=valid) for i in later}
-            n_cond = rows.shape[0]
-            # The C conditions are C alternative rows at the same position p_b: one decode step.
-            stream = jnp.swapaxes(rows, 0, 1).astype(model.dtype)  # [B, C, d]
-            at_p = jnp.broadcast_to(positions[:, None], (bsz, n_cond))
-            _, out = model.apply({"params": lm_params}, jnp.zeros((bsz, n_cond), jnp.int32), position_ids=at_p,
-                                 resid=stream, first_layer=layer + 1, last_layer=last, kv_cache=cache,
-                                 capture=[(last, "resid_post")])
-            rows = jnp.swapaxes(out[(last, "resid_post")], 0, 1)  # [C, B, d]
-        logp = _head_logp(model, lm_params, rows)  # [C, B, vocab]
-        ce = -logp[:, b, windows[b, positions + 1]]
+            _, out = model.apply({"params": lm_params}, jnp.zeros(pos.shape, jnp.int32), position_ids=pos,
+                                 resid=stream.astype(model.dtype), first_layer=layer + 1, last_layer=last,
+                                 capture=[(last, "resid_post")], kv_cache=cache, **kw)
+            return out[(last, "resid_post")]
+
+        if later:
+            keys = jnp.arange(length)
+            if mode == "each":
+                # All C x R rows of a window in one decode step, each seeing only the clean keys
+                # before its own p (and itself).
+                stream = jnp.swapaxes(rows, 0, 1).reshape(bsz, n_cond * r, -1)
+                pos = jnp.broadcast_to(positions[:, None, :], (bsz, n_cond, r)).reshape(bsz, n_cond * r)
+                out = later_layers(stream, pos, keys[None, None, :] < pos[:, :, None], independent_rows=True)
+                rows = jnp.swapaxes(out.reshape(bsz, n_cond, r, -1), 0, 1)
+            else:
+                # Per condition, the window's R patched rows decode together (earlier patched rows
+                # are seen by later ones); the clean keys of patched positions are hidden.
+                patched_key = ((keys[None, None, :] == positions[:, :, None]) & real[:, :, None]).any(1)
+                valid = (keys[None, None, :] < positions[:, :, None]) & ~patched_key[:, None, :]
+                rows = jax.lax.map(lambda row: later_layers(row, positions, valid, attention_mask=real), rows)
+        logp = _head_logp(model, lm_params, rows)  # [C, B, R, vocab]
+        nxt = windows[b, jnp.minimum(positions + 1, windows.shape[1] - 1)]
+        ce = -jnp.take_along_axis(logp, jnp.broadcast_to(nxt[None, :, :, None], (n_cond, bsz, r, 1)), -1)[..., 0]
         kl = jnp.sum(jnp.exp(logp[0]) * (logp[0] - logp), axis=-1)
         return ce, kl
 
     jitted = jax.jit(patched, static_argnames="length")
 
-    def patched_ce_kv(lm_params, coder, windows, positions, values, masks):
-        check_positions(positions, windows.shape[1], windows.shape[0])
-        return jitted(lm_params, coder, windows, positions, values, masks,
-                      length=run_length(positions, windows.shape[1], length_multiple))
+    def patched_eval(lm_params, coder, windows, positions, real, values, masks):
+        check_positions(positions, windows.shape[1], windows.shape[0], real)
+        if mode == "whole_layer":
+            check_consecutive(positions, real)
+        used = np.where(np.asarray(real, bool), np.asarray(positions), 0)
+        return jitted(lm_params, coder, windows, positions, real, values, masks,
+                      length=run_length(used, windows.shape[1], length_multiple))
 
-    return patched_ce_kv
+    return patched_eval

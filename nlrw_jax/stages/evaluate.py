@@ -6,12 +6,18 @@ the simulated latents, at every `evaluate.fractions`. Fractions are of the simul
 explained ones; in the paper every latent was explained, so it is the same), the others keeping
 their true values; "all_latents" also replaces the never-simulated latents, by zero (the paper's
 full rewrite when only some latents are explained). All conditions come from one compiled patched
-forward (nlrw_jax.rewrite.patched) per batch of sentences, sharded over `data`.
+forward (nlrw_jax.rewrite.patched, KV-cached) per batch of windows, sharded over `data`.
 
-Writes evaluate/{results.json, table.csv, values.npz}: mean CE with bootstrap 95% CIs (paired
-over sentences, also for the difference to clean), each condition's equivalent training fraction
-on the curve of the model's intermediate checkpoints (CE at the same positions), and per latent
-the specificity / sensitivity of the raw and normalised predictions (nlrw_jax.rewrite.metrics).
+The evaluated contexts are the simulation's (window, position) pairs: one per window in the
+paper's one-at-a-time protocol, every read position of the window with all-at-once simulation.
+`evaluate.modes`: "each" patches each position alone, "whole_layer" all of a window's positions
+at once; the first mode is the main one (results.json "conditions"), others go to "other_modes".
+
+Writes evaluate/{results.json, table.csv, values.npz}: per condition the mean CE and KL(clean ||
+patched) with bootstrap 95% CIs (resampling windows, the same resample for every condition, so
+the CE difference to clean is paired), each condition's equivalent training fraction on the
+curve of the model's intermediate checkpoints (CE at the same contexts), and per latent the
+specificity / sensitivity of the raw and normalised predictions (nlrw_jax.rewrite.metrics).
 """
 
 from __future__ import annotations
@@ -31,13 +37,29 @@ from nlrw_jax.io import save_npz, write_json, write_text
 from nlrw_jax.rewrite.calibrate import normalised_values, raw_values
 from nlrw_jax.rewrite.metrics import active_rates, bootstrap, checkpoint_curve, ci, equivalent_fraction, \
     finite_or_none, selection_masks
-from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, check_shapes, make_patched_ce
+from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, check_positions, check_shapes, make_patched_eval
 from nlrw_jax.rewrite.quantile import METHODS
 from nlrw_jax.rewrite.simulate import true_values
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.calibrate import calibrate_identity, calibration_sizes
 from nlrw_jax.stages.common import load_examples, model_folder, model_identity, run_folder
 from nlrw_jax.stages.simulate import load_predictions
+
+
+def window_slots(window: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contexts grouped by window: (windows used [W], slots [W, R] context index or -1, positions [W, R]),
+    each window's positions ascending, the windows ordered by their last position so that a batch's
+    clean run (up to its largest position) wastes little."""
+    used, inv = np.unique(window, return_inverse=True)
+    r = int(np.bincount(inv).max())
+    slots = np.full((len(used), r), -1, np.int64)
+    fill = np.zeros(len(used), np.int64)
+    for c in np.lexsort((positions, inv)):
+        slots[inv[c], fill[inv[c]]] = c
+        fill[inv[c]] += 1
+    pos = np.where(slots >= 0, positions[np.maximum(slots, 0)], -1)
+    order = np.argsort(pos.max(1), kind="stable")
+    return used[order], slots[order], pos[order]
 
 
 def run(cfg: Config, progress: bool = True) -> Path:
@@ -51,6 +73,11 @@ def run(cfg: Config, progress: bool = True) -> Path:
     run.check("calibrate", calibrate_identity(cfg))
     ex = load_examples(cfg)
     ranking = run.read_ranking()
+    folder = model_folder(cfg)
+    config = hf.read_config(folder)
+    if cfg.data.ctx_len > config.max_position_embeddings:
+        raise UserError(f"config key data.ctx_len: {cfg.data.ctx_len}-token windows are longer than the model's "
+                        f"max_position_embeddings ({config.max_position_embeddings}, {folder})")
     ident = {**model_identity(cfg), "coder": ex.coder_hash, "predictions": run.identity_hash("simulate"),
              "maps": run.identity_hash("calibrate"), "scores": file_digest(run.score_table),
              "ranking": file_digest(run.ranking), "evaluate": identity(e), "readout": cfg.simulate.readout,
@@ -60,55 +87,62 @@ def run(cfg: Config, progress: bool = True) -> Path:
             return out
         latents, explained, contexts = preds["latents"], preds["explained"], preds["contexts"]
         n_eval = int(contexts["n_eval"])
+        window, positions = contexts["window"][:n_eval], contexts["positions"][:n_eval]
         raw = raw_values(preds, ex.data["max_act"], cfg.simulate.readout)[:n_eval]
         sizes = calibration_sizes(cfg)
-        variants = {"raw": raw}
+        variants = {"raw": raw}  # each [contexts, simulated latents]; dense [.., n] only per batch
         main = (cfg.calibrate.estimator, sizes[-1])
         for est, size in [main] + [(x, n) for x in sorted(METHODS) for n in sizes if (x, n) != main]:
             variants["normalised" if (est, size) == main else f"normalised:{est}:{size}"] = \
                 normalised_values(run.quantile_map(est, size), raw, latents, explained)
         num_latents = ex.num_latents
         masks, mask_meta = selection_masks(ranking, latents, num_latents, e.fractions, e.seed)
-        values = np.zeros((len(variants), n_eval, num_latents), np.float32)
-        for v, arr in enumerate(variants.values()):
-            values[v][:, latents] = arr
-        check_shapes(values, masks, num_latents)
+        check_shapes(np.zeros((len(variants), 1, num_latents)), masks, num_latents)
 
-        folder = model_folder(cfg)
         dtype = jnp.dtype(cfg.model.dtype)
         config, lm_params = hf.load(folder, dtype=dtype)
-        fn = make_patched_ce(GPTNeoX(config, dtype=dtype), cfg.model.layer, ex.meta["kind"], ex.meta["k"])
+        model = GPTNeoX(config, dtype=dtype)
         # Single-host work: in a multi-host run process 0 does it on its own devices.
         mesh = make_mesh(cfg.mesh.data, 1) if jax.process_count() == 1 else make_mesh(-1, 1, jax.local_devices())
         rep, data = replicated(mesh), batch_sharding(mesh)
+        along_data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         lm_params, coder, masks_d = jax.device_put((lm_params, ex.params, masks), rep)
         bs = e.batch_size
         if bs % mesh.shape["data"]:
             raise UserError(f"config key evaluate.batch_size: {bs} must be a multiple of the {mesh.shape['data']} "
                             f"data-parallel devices")
-        windows, positions = contexts["windows"][:n_eval], contexts["positions"][:n_eval]
-        ces = []
-        for lo in tqdm(range(0, n_eval, bs), desc="evaluate (patched forward)", unit="batch", disable=not progress):
-            w, p, v = windows[lo:lo + bs], positions[lo:lo + bs], values[:, lo:lo + bs]
-            pad = bs - len(w)  # one compiled shape for every batch
-            w, p = np.pad(w, ((0, pad), (0, 0))), np.pad(p, (0, pad), constant_values=positions[0])
-            v = np.pad(v, ((0, 0), (0, pad), (0, 0)))
-            got = fn(lm_params, coder, jax.device_put(w, data), jax.device_put(p, data),
-                     jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))),
-                     masks_d)
-            ces.append(np.asarray(got)[:, :bs - pad])
-        ce = np.concatenate(ces, axis=1)  # [conditions, sentences]
+        used, slots, pos = window_slots(window, positions)
+        all_windows = contexts["windows"]
+        check_positions(pos, all_windows.shape[1], real=slots >= 0)  # before any compile
+        stacked = np.stack(list(variants.values()))  # [V, N, L]
+        results = {}
+        for mode in e.modes:
+            fn = make_patched_eval(model, cfg.model.layer, ex.meta["kind"], ex.meta["k"], mode)
+            ce = np.full((3 + len(variants) * len(masks), n_eval), np.nan, np.float32)
+            kl = np.full_like(ce, np.nan)
+            for lo in tqdm(range(0, len(used), bs), desc=f"evaluate ({mode}, patched forward)", unit="batch",
+                           disable=not progress):
+                sl = slots[lo:lo + bs]
+                pad = bs - len(sl)  # one compiled shape per run length
+                sl = np.pad(sl, ((0, pad), (0, 0)), constant_values=-1)
+                w = all_windows[np.pad(used[lo:lo + bs], (0, pad), mode="edge")]
+                p = np.pad(pos[lo:lo + bs], ((0, pad), (0, 0)), constant_values=0)
+                real = sl >= 0
+                p = np.where(real, p, 0)
+                v = np.zeros((len(variants), bs, sl.shape[1], num_latents), np.float32)
+                v[..., latents] = stacked[:, np.maximum(sl, 0)]
+                got_ce, got_kl = fn(lm_params, coder, jax.device_put(w, data), jax.device_put(p, data),
+                                    jax.device_put(real, data), jax.device_put(v, along_data), masks_d)
+                ce[:, sl[real]] = np.asarray(got_ce)[:, real]
+                kl[:, sl[real]] = np.asarray(got_kl)[:, real]
+            results[mode] = (ce, kl)
 
         names = [{"name": n} for n in FIXED_CONDITIONS] + [{"name": v, **m} for v in variants for m in mask_meta]
-        boot = bootstrap(ce, e.bootstrap, e.seed)
-        delta = boot - boot[:, :1]
-        curve = checkpoint_curve(folder, cfg.model.dtype, windows, positions, float(ce[0].mean()), e.batch_size)
-        conditions = []
-        for i, cond in enumerate(names):
-            f, note = equivalent_fraction(float(ce[i].mean()), curve)
-            conditions.append({**cond, "ce": float(ce[i].mean()), "ce_ci": ci(boot[:, i]),
-                               "delta_vs_clean": float((ce[i] - ce[0]).mean()), "delta_ci": ci(delta[:, i]),
-                               "equivalent_fraction": f, "equivalent_note": note})
+        ce, kl = results[e.modes[0]]
+        curve = checkpoint_curve(folder, cfg.model.dtype, all_windows, window, positions, float(ce[0].mean()),
+                                 e.batch_size)
+        conditions = {mode: summarise(names, *results[mode], window, curve, e) for mode in e.modes}
+        main_conditions = conditions[e.modes[0]]
         true = true_values(contexts, latents)[:n_eval]
         threshold = ex.data["max_act"][latents] / 18.0
         rates = {v: active_rates(arr, true, threshold) for v, arr in variants.items()}
@@ -118,31 +152,57 @@ def run(cfg: Config, progress: bool = True) -> Path:
                        **{f"{v}_{k}": finite_or_none(rates[v][k][j]) for v in ("raw", "normalised")
                           for k in ("specificity", "sensitivity")}}
                       for j, lat in enumerate(latents)]
+        top_all = next(c for c in main_conditions if c.get("selection") == "top" and c["fraction"] == max(e.fractions))
         sweep = [{"variant": v, "pooled_specificity": r["pooled_specificity"],
                   "pooled_sensitivity": r["pooled_sensitivity"],
-                  "ce_top_all": next(c["ce"] for c in conditions if c["name"] == v and c.get("selection") == "top"
-                                     and c["fraction"] == max(e.fractions))}
+                  **{f"{k}_top_all": next(c[k] for c in main_conditions if c["name"] == v and c.get("selection") ==
+                                          "top" and c["fraction"] == top_all["fraction"]) for k in ("ce", "kl")}}
                  for v, r in rates.items()]
-        save_npz(run.values, dict(latents=latents, true=true, ce=ce, **{v.replace(":", "_"): a
-                                                                       for v, a in variants.items()}))
-        buf = io.StringIO(newline="")
-        w = csv.writer(buf)
-        w.writerow(["condition", "selection", "fraction", "n_selected", "ce", "ce_lo", "ce_hi", "delta_vs_clean",
-                    "equivalent_fraction"])
-        for c in conditions:
-            w.writerow([c["name"], c.get("selection", ""), c.get("fraction", ""), c.get("n_selected", ""),
-                        f"{c['ce']:.4f}", f"{c['ce_ci'][0]:.4f}", f"{c['ce_ci'][1]:.4f}",
-                        f"{c['delta_vs_clean']:.4f}", c["equivalent_note"]])
-        write_text(run.results_table, buf.getvalue())
+        extra = {f"{k}_{mode}": results[mode][i] for mode in e.modes[1:] for i, k in enumerate(("ce", "kl"))}
+        save_npz(run.values, dict(latents=latents, true=true, ce=ce, kl=kl, window=window, positions=positions,
+                                  **extra, **{v.replace(":", "_"): a for v, a in variants.items()}))
+        write_text(run.results_table, conditions_csv(conditions))
         # results.json last: its presence says the stage is complete
         write_json(run.results, {
-            "sentences": n_eval, "calibration_contexts": len(contexts["positions"]) - n_eval,
+            "sentences": int(len(used)), "contexts": n_eval, "positions_per_window": int(slots.shape[1]),
+            "simulate_mode": cfg.simulate.mode, "mode": e.modes[0],
+            "calibration_contexts": len(contexts["positions"]) - n_eval,
             "latents_total": num_latents, "latents_simulated": len(latents),
             "latents_explained": int(explained.sum()), "unexplained_simulated_as_zero": int((~explained).sum()),
             "readout": cfg.simulate.readout, "estimator": cfg.calibrate.estimator, "fractions": e.fractions,
-            "layer": cfg.model.layer, "kind": ex.meta["kind"], "checkpoints": curve, "conditions": conditions,
+            "layer": cfg.model.layer, "kind": ex.meta["kind"], "checkpoints": curve, "conditions": main_conditions,
+            "other_modes": {mode: conditions[mode] for mode in e.modes[1:]},
             "calibration_sweep": sweep, "latents": per_latent})
     return out
+
+
+def summarise(names: list[dict], ce: np.ndarray, kl: np.ndarray, window: np.ndarray, curve: list[dict], e) -> list[dict]:
+    """Per condition: mean CE and KL with 95% CIs (resampling whole windows), the CE difference to
+    clean with its paired CI, and the equivalent training fraction."""
+    boot = bootstrap(np.concatenate([ce, kl]), e.bootstrap, e.seed, window)
+    boot_ce, boot_kl = boot[:, :len(ce)], boot[:, len(ce):]
+    delta = boot_ce - boot_ce[:, :1]
+    out = []
+    for i, cond in enumerate(names):
+        f, note = equivalent_fraction(float(ce[i].mean()), curve)
+        out.append({**cond, "ce": float(ce[i].mean()), "ce_ci": ci(boot_ce[:, i]),
+                    "delta_vs_clean": float((ce[i] - ce[0]).mean()), "delta_ci": ci(delta[:, i]),
+                    "kl": float(kl[i].mean()), "kl_ci": ci(boot_kl[:, i]),
+                    "equivalent_fraction": f, "equivalent_note": note})
+    return out
+
+
+def conditions_csv(conditions: dict[str, list[dict]]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["mode", "condition", "selection", "fraction", "n_selected", "ce", "ce_lo", "ce_hi", "delta_vs_clean",
+                "delta_lo", "delta_hi", "kl", "kl_lo", "kl_hi", "equivalent_fraction"])
+    for mode, conds in conditions.items():
+        for c in conds:
+            w.writerow([mode, c["name"], c.get("selection", ""), c.get("fraction", ""), c.get("n_selected", ""),
+                        *(f"{x:.4f}" for x in (c["ce"], *c["ce_ci"], c["delta_vs_clean"], *c["delta_ci"], c["kl"],
+                                               *c["kl_ci"])), c["equivalent_note"]])
+    return buf.getvalue()
 
 
 def _detection_scores(table: Path) -> dict[int, dict]:

@@ -109,9 +109,13 @@ def _write_report(cfg: Config, run, res: dict, values: dict | None, tmp: Path, p
     steps.update()
 
     ev_dir = run.dir("evaluate")
-    lines = M.header(res, cfg.run_dir)
+    order_lines, claims = M.orderings(results, res)
+    lines = M.summary(results, res, claims)  # the answer first, then the plot, then what supports it
+    lines += ["![CE, Δ CE and KL vs fraction replaced](loss_vs_fraction.png)", ""]
     lines += M.main_tables(results)
-    lines += ["![CE vs fraction replaced](loss_vs_fraction.png)", ""]
+    lines += [f"Every condition (the calibration sweep's variants included): [`table.csv`]({ev_dir / 'table.csv'}).",
+              ""]
+    lines += M.other_modes(res)
     lines += M.checkpoint_table(res)
     lines += M.sweep_table(res, "calibration_sweep.png" in made)
     lines += M.predictions_section(res)
@@ -122,7 +126,8 @@ def _write_report(cfg: Config, run, res: dict, values: dict | None, tmp: Path, p
         lines += [str(made["distributions.png"]), "", "![activation distributions](distributions.png)", ""]
     else:
         lines += [f"No {ev_dir / 'values.npz'}: no distribution plot.", ""]
-    lines += M.orderings(results, res)
+    lines += order_lines
+    lines += M.setting(res, cfg.run_dir)
     lines += M.other_stages(_summary(run.eval_json), _summary(run.train_summary), _summary(run.score_summary))
     lines += ["## Plots", ""] + [f"- [{n}]({n})" for n in G.PLOTS if n in made] + \
         ["", f"Source: `{run.results}` (table: `{ev_dir / 'table.csv'}`).", ""]
