@@ -8,9 +8,10 @@ program is printed beside them:
 - forward, per token: 2 x (non-embedding matmul params + unembedding) + 4 x layers x seq x d
   (causal attention counted in full, as in the PaLM paper's MFU);
 - transcoder step, per token: the dense encoder forward 2dn; its gradient is sparse, as in
-  sparsify (the k chosen rows recomputed, 2kd, and their weight gradient, 2kd); the skip
-  connection 2d^2 forward + 2d^2 weight gradient; the sparse decoder 2kd forward + 4kd backward
-  (the input needs no gradient: it is data). So 2dn + 4d^2 + 10kd.
+  sparsify (the k chosen rows' weight gradient, 2kd; since issue 14 the step no longer
+  recomputes the chosen pre-activations for a straight-through path: coder.loss_and_grads);
+  the skip connection 2d^2 forward + 2d^2 weight gradient; the sparse decoder 2kd forward +
+  4kd backward (the input needs no gradient: it is data). So 2dn + 4d^2 + 8kd.
 Only JAX, Flax and optax are needed (no torch), so it runs where only JAX's CUDA/TPU build is.
 """
 
@@ -82,7 +83,7 @@ def train_row(tokens: int, iters: int) -> dict:
     state = trainer.init_state(jax.random.PRNGKey(0), x, y)
     step = trainer._train_step  # jitted again below without donation, so the state can be reused
     secs, xla = timed(step, (state, x, y), iters)
-    per_token = 2 * d * n + 4 * d * d + 10 * k * d
+    per_token = 2 * d * n + 4 * d * d + 8 * k * d
     return {"what": f"TopK transcoder step (d {d}, {n} latents, k {k}), bf16 compute, {tokens} tokens",
             "tokens": tokens, "seconds": secs, "model_flops": per_token * tokens, "xla_flops": xla}
 

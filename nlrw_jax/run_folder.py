@@ -209,13 +209,23 @@ class RunFolder:
         return ranking
 
     def read_contexts(self) -> dict:
-        """The simulation contexts: windows, positions, n_eval, and the coder's top-k there."""
+        """The simulation contexts: windows [W, ctx], window [N] (each context's row of windows),
+        positions [N], n_eval, and the coder's top-k there (nlrw_jax.stages.simulate.make_contexts)."""
+        import numpy as np
+
         from nlrw_jax.io import read_npz
 
         if not self.contexts.exists():
             raise UserError(f"{self.contexts}: no simulation contexts; run `nlrw simulate` first")
-        return read_npz(self.contexts, "delete the simulate folder and rerun `nlrw simulate`",
-                        ("windows", "positions", "n_eval", "top_acts", "top_idx"))
+        fix = "delete the simulate folder and rerun `nlrw simulate`"
+        out = read_npz(self.contexts, fix, ("windows", "positions", "n_eval", "top_acts", "top_idx"))
+        if "window" not in out:  # written before all_at_once existed: one context per window
+            out["window"] = np.arange(len(out["positions"]), dtype=np.int32)
+        w, p = out["window"], out["positions"]
+        if len(w) != len(p) or (len(w) and not (0 <= w.min() and w.max() < len(out["windows"]) and
+                                                0 <= p.min() and p.max() < out["windows"].shape[1] - 1)):
+            raise UserError(f"{self.contexts}: window/positions out of range of its windows; {fix}")
+        return out
 
     def read_predictions(self, grid: list[tuple[int, int, int, int]], latents, n_contexts: int):
         """The digit log-probs [contexts, latents, 10] from every shard of `grid`, each checked to cover

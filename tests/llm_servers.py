@@ -68,7 +68,7 @@ def server_command(port: int) -> list[str]:
     return [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",
             "--max-logprobs", "20", "--enable-prefix-caching", "--max-model-len", "4096", "--enforce-eager",
-            "--seed", "0"]
+            "--seed", "0", "--block-size", "32"]  # as llm.block_size's default for the offline engine
 
 
 @contextlib.contextmanager
@@ -145,8 +145,9 @@ def run_engine_check(request: dict, tmp: Path, top_logprobs: int = 20, timeout_s
 class StubServer:
     """A stand-in for an OpenAI server on 127.0.0.1 (stdlib, no model), for failures that need no
     real answers: GET /models answers `models_status` (200: a list of one model), every POST
-    /completions fails as `completions` says: "http503", "drop" (hang up without an answer) or
-    "garbage" (200 with a body that is not JSON)."""
+    /completions fails as `completions` says: "http503", "drop" (hang up without an answer),
+    "garbage" (200 with a body that is not JSON) or "no_prompt_logprobs" (a well-formed completion,
+    as a server without vLLM's prompt_logprobs extension gives)."""
 
     MODEL = "stub-model"
 
@@ -172,6 +173,9 @@ class StubServer:
                     return
                 if stub.completions == "garbage":
                     return self._send(200, b"<html>it works!</html>")
+                if stub.completions == "no_prompt_logprobs":
+                    return self._send(200, json.dumps({"choices": [{"index": 0, "text": "0", "logprobs": None,
+                                                                    "finish_reason": "length"}]}).encode())
                 self._send(503, b'{"error": "overloaded"}')
 
             def _send(self, status, body):
@@ -211,7 +215,7 @@ class FaultProxy:
     """A threaded HTTP proxy in front of a real server that injects faults into POST /completions.
 
     `plan(key, attempt, n)` -> a fault name from FAULTS or None (forward faithfully), where `key`
-    identifies the request (prompt, max_tokens, logprobs), `attempt` counts that request's arrivals
+    identifies the request (prompt, max_tokens, logprobs, prompt_logprobs), `attempt` counts that request's arrivals
     (0, 1, ...) and `n` all POSTs. GET /models always passes. `forwarded` counts, per key, the
     requests the real server received."""
 
@@ -295,6 +299,8 @@ class FaultProxy:
                         del obj["choices"]
                     elif fault == "empty_choices":
                         obj["choices"] = []
+                    elif req.get("prompt_logprobs"):
+                        obj["choices"][0]["prompt_logprobs"] = None
                     elif "logprobs" in req and req["logprobs"]:
                         obj["choices"][0]["logprobs"] = None
                     else:  # a generation: lose its text instead
@@ -344,7 +350,8 @@ class FaultProxy:
 
 def request_key(req: dict) -> tuple:
     prompt = req["prompt"]
-    return (tuple(prompt) if isinstance(prompt, list) else prompt, req.get("max_tokens"), req.get("logprobs"))
+    return (tuple(prompt) if isinstance(prompt, list) else prompt, req.get("max_tokens"), req.get("logprobs"),
+            req.get("prompt_logprobs"))
 
 
 # ---------------------------------------------------------------------------------- prompts

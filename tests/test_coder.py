@@ -257,3 +257,55 @@ def test_topk_gradient_ignores_relu_like_sparsify():
     g = jax.grad(lambda b: jnp.sum(C.encode({**p, "b_enc": b}, x, K)[0]))(p["b_enc"])
     counts = np.bincount(np.asarray(f["top_indices"]).ravel(), minlength=N)
     np.testing.assert_allclose(np.asarray(g), counts, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "zeros_nan_inf"])
+def test_blocked_topk_equals_lax_top_k(data):
+    # n / block = 32 blocks >= 8 k: the blocked path runs; it must give lax.top_k's values and
+    # indices bit for bit, ties to the lower index, -0.0 below 0.0, NaN and -inf where TopK puts them.
+    rng = np.random.default_rng(0)
+    n, k = 1024, 4
+    if data == "normal":
+        v = rng.standard_normal((48, n)).astype(np.float32)
+    elif data == "ties":
+        v = rng.integers(0, 4, (48, n)).astype(np.float32)
+    else:
+        v = np.maximum(rng.standard_normal((48, n)).astype(np.float32), 0) * (rng.random((48, n)) < 0.002)
+        v[rng.random((48, n)) < 0.3] = -0.0
+        v[3, 100] = np.nan
+        v[4, :] = -np.inf
+        v[5, 7], v[5, 900] = np.inf, np.inf
+    assert n // C.TOPK_BLOCK >= C.TOPK_MIN_BLOCKS_PER_K * k
+    got = jax.jit(lambda v: C._topk(v, k))(v)
+    ref = jax.lax.top_k(jnp.asarray(v), k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(ref[0]).view(np.int32))
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "sae"])
+@pytest.mark.parametrize("shape", [None, *MESHES])
+@pytest.mark.parametrize("dead", [DEAD, jnp.zeros(N, bool)], ids=["dead", "none_dead"])
+def test_loss_and_grads_matches_autodiff_of_loss_fn(monkeypatch, kind, shape, dead):
+    # The hand-written sparse gradient (what the trainer uses) against plain autodiff of loss_fn,
+    # in several token chunks and with the gather loop's fori_loop path (small chunk and group).
+    monkeypatch.setattr(C, "TRAIN_CHUNK", 16)
+    monkeypatch.setattr(C, "GATHER_GROUP", 3)
+    mesh = None if shape is None else make_mesh(*shape)
+    p, (x, y) = _params(kind), _data()
+    y = x if kind == "sae" else y
+    (ref_loss, ref_m), ref_g = jax.jit(jax.value_and_grad(_loss(kind, mesh), has_aux=True))(p, x, y)
+    loss, m, g = jax.jit(lambda p: C.loss_and_grads(p, x, y, K, kind=kind, dead_mask=dead, auxk_alpha=0.5,
+                                                    mesh=mesh))(p)
+    if not dead.any():  # _loss uses DEAD; with nothing dead AuxK is 0 and skipped
+        (ref_loss, ref_m), ref_g = jax.jit(jax.value_and_grad(
+            lambda p: C.loss_fn(p, x, y, K, kind=kind, dead_mask=dead, auxk_alpha=0.5, mesh=mesh), has_aux=True))(p)
+        assert float(m["auxk"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(m["top_indices"]), np.asarray(ref_m["top_indices"]))
+    np.testing.assert_allclose(np.asarray(m["top_acts"]), np.asarray(ref_m["top_acts"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-6)
+    np.testing.assert_allclose(float(m["fvu"]), float(ref_m["fvu"]), rtol=2e-6)
+    np.testing.assert_allclose(float(m["auxk"]), float(ref_m["auxk"]), rtol=2e-6)
+    for name in p:
+        scale = float(jnp.abs(ref_g[name]).max())
+        np.testing.assert_allclose(np.asarray(g[name]), np.asarray(ref_g[name]), rtol=1e-5, atol=2e-6 * scale,
+                                   err_msg=name)

@@ -85,3 +85,27 @@ def test_identity_leaves_out_cadence_paths_and_batching():
         assert identity(getattr(a, section)) == identity(getattr(b, section)), section
     c = load_config("configs/tiny.yaml", ["sparse.k=16"])
     assert identity(a.sparse) != identity(c.sparse)
+
+
+def test_each_llm_stage_can_have_its_own_llm():
+    """`<stage>.llm` keys override the shared `llm` key by key; each stage's identity is its own
+    LLM; two stages on one endpoint with different models are refused at load."""
+    from nlrw_jax.config import stage_llm
+    from nlrw_jax.stages.common import llm_identity
+
+    cfg = load_config("configs/tiny.yaml", ["llm.top_logprobs=7", "explain.llm.model=/big/explainer",
+                                            "simulate.llm.backend=openai", "simulate.llm.endpoints=[http://s:1/v1]"])
+    ex, sim, sc = (stage_llm(cfg, s) for s in ("explain", "simulate", "score"))
+    assert ex.model == "/big/explainer" and ex.top_logprobs == 7 and ex.backend == "local"
+    assert sim.backend == "openai" and sim.model == "smollm2" and sim.top_logprobs == 7
+    assert sc is cfg.llm
+    assert llm_identity(cfg, "explain")["llm"]["model"] == "/big/explainer"
+    assert llm_identity(cfg, "simulate") != llm_identity(cfg, "score")
+    assert "llm" not in identity(cfg.explain)  # the stage's LLM enters its identity once, via llm_identity
+    with pytest.raises(UserError, match=r"config key simulate.llm.endpoints: http://e:1/v1/ is also explain.llm's "
+                                        r"endpoint, with model 'E', not 'smollm2': one server serves one model"):
+        load_config("configs/tiny.yaml", ["explain.llm.backend=openai", "explain.llm.endpoints=[http://e:1/v1]",
+                                          "explain.llm.model=E", "simulate.llm.backend=openai",
+                                          "simulate.llm.endpoints=[http://e:1/v1/]"])
+    with pytest.raises(UserError, match="config key score.llm.batch_size: 0 must be > 0"):
+        load_config("configs/tiny.yaml", ["score.llm.batch_size=0"])

@@ -148,9 +148,98 @@ def test_latent_without_activating_examples_is_skipped_and_counted(run, tmp_path
     np.savez(copy / "examples" / "examples.npz", **z)
     args = [*overrides, f"run_dir={copy}", f"explain.latent_ids=[{dead}, {live}]"]
     nlrw("explain", "configs/tiny.yaml", *args)
-    r = nlrw("score", "configs/tiny.yaml", *args)
+    nlrw("score", "configs/tiny.yaml", *args)
     summary = json.loads((copy / "scores" / "summary.json").read_text())
     assert summary["scored"] == 1 and summary["skipped"] == 1
     assert summary["skipped_reasons"] == {"no explanation": 1}
     exp = load_explanations(load_config("configs/tiny.yaml", args))
     assert exp[dead] is None and isinstance(exp[live], str)
+
+
+# ------------------------------------------------------------------------------ contrastive explanations
+
+
+def _cosines(params, latent):
+    """Cosine of each latent's decoder direction (W_dec row) with `latent`'s (0 for an all-zero row)."""
+    w = np.asarray(params["W_dec"], np.float64)
+    norms = np.maximum(np.linalg.norm(w, axis=1), 1e-12)
+    return (w @ w[latent]) / (norms * norms[latent])
+
+
+def test_contrastive_prompt_shows_the_neighbours_windows(run, tmp_path):
+    """Real local SmolLM2: the prompt holds windows of the nearest live latents on which the latent is
+    silent, a dead nearest latent is passed over and counted, and the explanations are written."""
+    from nlrw_jax.llm.backends import make_backend
+    from nlrw_jax.stages import explain as X
+    from nlrw_jax.stages.common import load_examples, subject_tokenizer
+
+    cfg, overrides = run
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("explain", "scores"))
+    ex = load_examples(cfg)
+    live = (ex.data["act_window"] != E.NO_WINDOW).any(axis=(1, 2))
+    a, b = (int(i) for i in np.flatnonzero(live)[:2])
+    cos = np.where(live, _cosines(ex.params, a), -np.inf)
+    cos[a] = -np.inf
+    dead = int(np.argmax(cos))  # kill a's nearest live latent: it must be passed over
+    z = dict(np.load(copy / "examples" / "examples.npz"))
+    z["act_window"][dead] = E.NO_WINDOW
+    np.savez(copy / "examples" / "examples.npz", **z)
+    live[dead] = False
+
+    args = [*overrides, f"run_dir={copy}", f"explain.latent_ids=[{a}, {b}]", "explain.style=contrastive",
+            "explain.neighbours=2", "explain.neighbour_windows=2", "explain.max_tokens=8"]
+    cfg2 = load_config("configs/tiny.yaml", args)
+    prompts = []
+
+    class Spy:  # the real backend, remembering each prompt's messages
+        def __init__(self, backend):
+            self.backend = backend
+
+        def render(self, messages, prefix=""):
+            prompts.append(messages)
+            return self.backend.render(messages, prefix)
+
+        def generate(self, *a, **k):
+            return self.backend.generate(*a, **k)
+
+    X.run(cfg2, progress=False, backend=Spy(make_backend(cfg2.llm, False)))
+    lines = (copy / "explain" / "explanations.jsonl").read_text().splitlines()
+    records = {r["latent"]: r for r in map(json.loads, lines)}
+    assert sorted(records) == [a, b] and all(isinstance(r["explanation"], str) for r in records.values())
+    assert records[a]["neighbours_passed_over"] >= 1 and dead not in records[a]["neighbours"]
+
+    tok = subject_tokenizer(cfg2)
+    ex2 = load_examples(cfg2)
+    for latent, messages in zip([a, b], prompts):
+        r = records[latent]
+        cos = _cosines(ex.params, latent)
+        assert 1 <= len(r["neighbours"]) <= 2 and all(live[r["neighbours"]]) and latent not in r["neighbours"]
+        assert list(cos[r["neighbours"]]) == sorted(cos[r["neighbours"]], reverse=True)  # nearest first
+        assert messages[0]["content"] == P.EXPLAINER_CONTRASTIVE_SYSTEM
+        user = messages[1]["content"]
+        assert P.COUNTER_EXAMPLES_HEADER in user
+        shown = [line.split(": ", 1)[1] for line in user.split("\n") if line.startswith("Counter-example ")]
+        assert len(shown) == r["counter_examples"] >= 1
+        # each counter-example is an activating window of a neighbour on which this latent is silent
+        cands = sorted({w for nb in r["neighbours"] for w in ex2.activating(nb, ex2.data["act_window"].shape[2])})
+        toks, acts = ex2.windows(cands, latent)
+        silent = {P.mark(P.token_strings(tok, t), np.zeros(len(t), bool)) for t, v in zip(toks, acts) if v.max() == 0}
+        assert set(shown) <= silent
+
+
+def test_contrastive_without_neighbour_examples_is_one_line(run, tmp_path):
+    cfg, overrides = run
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("explain", "scores"))
+    z = dict(np.load(copy / "examples" / "examples.npz"))
+    a = int(np.argmax(z["window_count"]))
+    keep = z["act_window"][a].copy()
+    z["act_window"][:] = E.NO_WINDOW  # no other latent has activating examples
+    z["act_window"][a] = keep
+    np.savez(copy / "examples" / "examples.npz", **z)
+    r = nlrw("explain", "configs/tiny.yaml", *overrides, f"run_dir={copy}", f"explain.latent_ids=[{a}]",
+             "explain.style=contrastive", check=False)
+    last = r.stderr.strip().splitlines()[-1]  # after the cleared progress bar
+    assert r.returncode == 2 and r.stderr.count("nlrw: error") == 1 and len(last) < 300
+    assert f"no counter-examples for latent {a}: of the other latents with activating examples, the 0 nearest" in last

@@ -415,3 +415,29 @@ def test_slurm_finish_runs_calibrate_evaluate_report(env, tmp_path):
                    check=True, timeout=30)
     assert calls(Path(env["FAKE_LOG"])) == [["nlrw", s, CFG, "llm.backend=vllm", "k=v"]
                                             for s in ("calibrate", "evaluate", "report")]
+
+
+def test_gpu_pool_servers_two_pools_dry_run(env):
+    """The paper's two LLMs: the simulator's servers and the explainer's, explain and score pointed at
+    the explainer's through their own LLM settings; bad pools are one line, exit 2."""
+    r = run(GPU_POOL, ["servers", CFG, "--model", "S", "--gpus", "0,1", "--explainer-model", "E", "--explainer-gpus",
+                       "2", "--port", "9000", "--stages", "explain,score,simulate", "--dry-run"], env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    servers = [shlex.split(x[:-2]) for x in lines if x.endswith(" &")]
+    assert [(c[1], c[c.index("--model") + 1], c[c.index("--port") + 1]) for c in servers] == [
+        ("CUDA_VISIBLE_DEVICES=0", "S", "9000"), ("CUDA_VISIBLE_DEVICES=1", "S", "9001"),
+        ("CUDA_VISIBLE_DEVICES=2", "E", "9002")]
+    explain = shlex.split(next(x for x in lines if x.startswith("nlrw explain")))
+    assert "explain.llm.endpoints=[http://127.0.0.1:9002/v1]" in explain and "explain.llm.model=E" in explain
+    assert "score.llm.endpoints=[http://127.0.0.1:9002/v1]" in explain and "llm.model=S" in explain
+    assert "llm.endpoints=[http://127.0.0.1:9000/v1,http://127.0.0.1:9001/v1]" in explain
+    from nlrw_jax.config import load_config, stage_llm  # the overrides load, each stage with its pool
+    cfg = load_config(CFG, [x for x in explain[3:]])
+    assert stage_llm(cfg, "explain").endpoints == ["http://127.0.0.1:9002/v1"]
+    assert stage_llm(cfg, "simulate").endpoints == ["http://127.0.0.1:9000/v1", "http://127.0.0.1:9001/v1"]
+    for args, msg in [(["--explainer-gpus", "1"], "GPUs ['1'] are in both pools"),
+                      (["--explainer-gpus", "2", "--explainer-model", ""], "needs --explainer-model")]:
+        r = run(GPU_POOL, ["servers", CFG, "--model", "S", "--gpus", "0,1", "--explainer-model", "E", *args,
+                           "--dry-run"], env)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

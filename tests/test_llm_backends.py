@@ -123,6 +123,17 @@ def test_pool_out_of_retries_on_garbage_is_user_error():
     assert "answered wrongly" in msg and "malformed" in msg and stub.url in msg and "\n" not in msg, msg
 
 
+def test_server_without_prompt_logprobs_is_named():
+    """all_at_once against a server that ignores vLLM's prompt_logprobs: one line naming the endpoint
+    and model, suggesting one_at_a_time."""
+    with StubServer("no_prompt_logprobs") as stub:
+        b = _openai(stub.url, timeout_s=5, retries=1, backoff_s=0.01)
+        with pytest.raises(UserError) as e:
+            b.slot_logprobs([[1, 2, 3, 4]], [[1, 2]], DIGITS)
+    msg = str(e.value)
+    assert stub.url in msg and StubServer.MODEL in msg and "simulate.mode=one_at_a_time" in msg and "\n" not in msg
+
+
 @pytest.mark.parametrize("backend, missing, said", [("local", "torch", "[llm]"), ("local", "transformers", "[llm]"),
                                                     ("vllm", "vllm", "scripts/setup_vllm.sh")])
 def test_missing_library_is_user_error(monkeypatch, backend, missing, said):
@@ -137,6 +148,29 @@ def test_missing_library_is_user_error(monkeypatch, backend, missing, said):
 def test_local_candidate_not_single_token(local, prompts):
     with pytest.raises(UserError, match="banana42"):
         local.next_token_logprobs(prompts[:1], ["1", "banana42"])
+
+
+def _slot_case(prompts):
+    """all_at_once-style requests: two prompts of different lengths, each read at several slots."""
+    return [prompts[0], prompts[6]], [[len(prompts[0]) - 9, len(prompts[0]) - 5, len(prompts[0]) - 2],
+                                      [len(prompts[6]) - 4, len(prompts[6]) - 2]]
+
+
+def test_local_slot_logprobs_are_next_token_logprobs_of_the_prefixes(local, prompts):
+    """One forward pass read at each slot gives what a prompt cut after that slot gives."""
+    ps, slots = _slot_case(prompts)
+    got = local.slot_logprobs(ps, slots, DIGITS)
+    cut = local.next_token_logprobs([p[:s + 1] for p, ss in zip(ps, slots) for s in ss], DIGITS)
+    _assert_close_where_finite(np.concatenate(got), cut)
+    with pytest.raises(ValueError, match="slot outside"):
+        local.slot_logprobs(ps, [[len(ps[0]) - 1], [0]], DIGITS)
+
+
+def _assert_close_where_finite(a, b, tol=TOL):
+    assert a.shape == b.shape
+    both = np.isfinite(a) & np.isfinite(b)
+    assert both.sum() >= 2 and (np.isfinite(a) == np.isfinite(b)).mean() >= 0.9  # some slots read no digit
+    assert np.abs(a[both] - b[both]).max() <= tol
 
 
 # ---------------------------------------------------------------------------------- agreement
@@ -163,8 +197,10 @@ def test_backends_agree(local, requests_, prompts, server, server_answers, tmp_p
 
     lp_local = local.next_token_logprobs(prompts, DIGITS)
     gen_local = local.generate(prompts, GEN_TOKENS)
+    slot_prompts, slots = _slot_case(prompts)  # prompts 0 and 6, read at slots
+    all_slots = [slots[0] if i == 0 else slots[1] if i == 6 else [] for i in range(len(prompts))]
     eng = run_engine_check({"prompts": prompts, "candidates": DIGITS, "max_tokens": GEN_TOKENS,
-                            "render": requests_}, tmp_path)
+                            "render": requests_, "slots": all_slots}, tmp_path)
     assert eng["rendered"] == prompts
     lp_vllm = np.array([[-np.inf if v is None else v for v in row] for row in eng["logprobs"]], np.float32)
     lp_oa, gen_oa = server_answers
@@ -176,6 +212,14 @@ def test_backends_agree(local, requests_, prompts, server, server_answers, tmp_p
           f"engine startup {eng['startup_s']:.1f} s")
     assert gen_local == eng["generations"] == gen_oa
     assert all(g for g in gen_local)
+    # prompt log-probs at slots (all_at_once): vllm's prompt_logprobs, the server's, the local logits
+    as_arr = lambda rows: np.array([[-np.inf if v is None else v for v in r] for r in rows], np.float32)  # noqa: E731
+    sl_local = np.concatenate(local.slot_logprobs(slot_prompts, slots, DIGITS))
+    sl_vllm = np.concatenate([as_arr(eng["slot_logprobs"][i]) for i in (0, 6)])
+    sl_oa = np.concatenate(oa.slot_logprobs(slot_prompts, slots, DIGITS))
+    _assert_close_where_finite(sl_local, sl_vllm)
+    _assert_close_where_finite(sl_local, sl_oa)
+    np.testing.assert_array_equal(sl_vllm, sl_oa)
 
 
 @pytest.mark.slow
@@ -227,6 +271,36 @@ def test_pool_survives_faults(server, prompts, server_answers):
     assert all(proxy.forwarded[k] >= 1 for k in keys_lp + keys_gen), "a prompt never reached the server"
     assert set(proxy.faults) == set(FAULTS)
     assert elapsed < 60
+
+
+SLOT_PLAN = [["drop"], ["http500", "truncated"], ["no_logprobs", "http503"], ["short_body", "no_logprobs"]]
+
+
+@pytest.mark.slow
+def test_pool_survives_faults_on_prompt_logprobs(server, prompts):
+    """all_at_once's requests (prompt_logprobs): dropped, 5xx, truncated, short, or without the
+    prompt log-probs field; each retried and stored once, bit-identical to the proxy-less answers."""
+    ps = [prompts[i] for i in range(4)]
+    slots = [[len(p) - 6, len(p) - 2] for p in ps]
+    ref = _openai(server, timeout_s=30).slot_logprobs(ps, slots, DIGITS)
+    index = {tuple(p): i for i, p in enumerate(ps)}
+
+    def plan(key, attempt, n):
+        faults = SLOT_PLAN[index[key[0]]]
+        return faults[attempt] if attempt < len(faults) else None
+
+    with FaultProxy(server, plan) as proxy:
+        b = _openai([proxy.url, dead_url()], timeout_s=5, backoff_s=0.05, retries=6, max_concurrency=2)
+        got = b.slot_logprobs(ps, slots, DIGITS)
+    print(f"\nfaults injected: {dict(proxy.faults)}")
+    assert set(proxy.faults) == {f for plan_ in SLOT_PLAN for f in plan_}
+    assert all(proxy.forwarded[request_key({"prompt": p, "max_tokens": 1, "prompt_logprobs": 20})] >= 1 for p in ps)
+    for a, r in zip(got, ref):
+        np.testing.assert_array_equal(a, r)
+    with FaultProxy(server, lambda key, attempt, n: "no_logprobs") as proxy:  # never any: named, not retried forever
+        b = _openai(proxy.url, timeout_s=5, backoff_s=0.01, retries=2)
+        with pytest.raises(UserError, match="cannot return prompt log-probs.*one_at_a_time"):
+            b.slot_logprobs(ps[:1], slots[:1], DIGITS)
 
 
 UNAVAILABLE_FAULTS = ("drop", "http500", "http503", "short_body")  # the server is not there (now)

@@ -93,7 +93,7 @@ def random_coder(d: int, n: int, kind: str):
     return coder
 
 
-def hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k):
+def hooked_logp(model, params, coder, windows, positions, real, values, masks, means, layer, kind, k):
     """Log-probabilities at each position [C, B, R, vocab] from one full forward per condition, the
     replacement spliced in at all the real positions of each window at once (mlp_replacements for
     a transcoder, resid_replacements for an SAE)."""
@@ -133,7 +133,16 @@ def hooked_logp(model, params, coder, windows, positions, real, values, masks, l
             return out + xin @ coder["W_skip"].T if "W_skip" in coder else out
         return row_fn
 
-    out = [run(), run(lambda x: sc.forward(coder, x, k, kind=kind)["out"]), run(jnp.zeros_like)]
+    def decoded(latents):  # the coder's decode (+ skip) of fixed latent values at every row
+        def row_fn(x):
+            xin = x - coder["b_dec"] if kind == "sae" else x
+            out = sc.decode(coder, *jax.lax.top_k(jnp.broadcast_to(latents, (x.shape[0], n)), k))
+            return out + xin @ coder["W_skip"].T if "W_skip" in coder else out
+        return row_fn
+
+    out = [run(), run(lambda x: sc.forward(coder, x, k, kind=kind)["out"]), run(jnp.zeros_like),
+           run(lambda x: jnp.broadcast_to(means["out"], x.shape)), run(decoded(jnp.zeros(n))),
+           run(decoded(means["latents"]))]
     out += [run(simulated(v, masks[m])) for v in range(values.shape[0]) for m in range(masks.shape[0])]
     return jnp.stack(out)
 
@@ -168,7 +177,9 @@ def problem(config, kind, n=64, R=1, seed=0):
     masks = np.zeros((2, n), bool)
     masks[0, :5] = True
     masks[1] = True
-    return windows, positions, real, values, masks
+    means = {"out": jnp.asarray(rng.normal(0, 0.5, config.hidden_size), jnp.float32),
+             "latents": jnp.asarray(rng.uniform(0, 0.5, n), jnp.float32)}
+    return windows, positions, real, values, masks, means
 
 
 @pytest.mark.parametrize("name, kind, layer", CASES)
@@ -181,15 +192,15 @@ def test_kv_path_equals_patched_ce_and_hooked_forwards(tiny, name, kind, layer):
     model = GPTNeoX(config)
     k = 4
     coder = random_coder(config.hidden_size, 64, kind)
-    windows, positions, real, values, masks = problem(config, kind)
+    windows, positions, real, values, masks, means = problem(config, kind)
     ce_old = np.asarray(make_patched_ce(model, layer, kind, k)(params, coder, windows, jnp.asarray(positions[:, 0]),
-                                                               jnp.asarray(values[:, :, 0]), jnp.asarray(masks)))
-    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k),
-                           windows, positions)
+                                                               jnp.asarray(values[:, :, 0]), jnp.asarray(masks), means))
+    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, means, layer,
+                                       kind, k), windows, positions)
     for mode in MODES:
         ce, kl = map(np.asarray, make_patched_eval(model, layer, kind, k, mode, length_multiple=16)(
-            params, coder, windows, positions, real, values, masks))
-        assert ce.shape == kl.shape == (3 + 2 * 2, 4, 1)
+            params, coder, windows, positions, real, values, masks, means))
+        assert ce.shape == kl.shape == (6 + 2 * 2, 4, 1)
         print(f"\n{name} {kind} layer {layer} {mode}: max |CE kv - CE old| {np.abs(ce[..., 0] - ce_old).max():.1e}, "
               f"|CE kv - hooked| {np.abs(ce - ce_ref).max():.1e}, |KL kv - hooked| {np.abs(kl - kl_ref).max():.1e}, "
               f"mean KL zero ablation {kl[2].mean():.3f}")
@@ -210,22 +221,22 @@ def test_many_positions_each_alone_and_whole_layer(tiny, name, kind, layer):
     model = GPTNeoX(config)
     k, R = 4, 4
     coder = random_coder(config.hidden_size, 64, kind)
-    windows, positions, real, values, masks = problem(config, kind, R=R, seed=1)
+    windows, positions, real, values, masks, means = problem(config, kind, R=R, seed=1)
     each, _ = map(np.asarray, make_patched_eval(model, layer, kind, k, "each", length_multiple=8)(
-        params, coder, windows, positions, real, values, masks))
+        params, coder, windows, positions, real, values, masks, means))
     _, kl_each = make_patched_eval(model, layer, kind, k, "each", length_multiple=8)(
-        params, coder, windows, positions, real, values, masks)
+        params, coder, windows, positions, real, values, masks, means)
     whole, kl_whole = map(np.asarray, make_patched_eval(model, layer, kind, k, "whole_layer")(
-        params, coder, windows, positions, real, values, masks))
+        params, coder, windows, positions, real, values, masks, means))
     for r in range(R):
         sel = real[:, r]
         one = (positions[:, r:r + 1], np.ones((4, 1), bool), values[:, :, r:r + 1])
-        ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, one[0], one[1], one[2], masks, layer,
-                                           kind, k), windows, one[0])
+        ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, one[0], one[1], one[2], masks, means,
+                                           layer, kind, k), windows, one[0])
         np.testing.assert_allclose(each[:, sel, r], ce_ref[:, sel, 0], atol=CE_TOL, rtol=0)
         np.testing.assert_allclose(np.asarray(kl_each)[:, sel, r], kl_ref[:, sel, 0], atol=CE_TOL, rtol=0)
-    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, layer, kind, k),
-                           windows, positions)
+    ce_ref, kl_ref = ce_kl(hooked_logp(model, params, coder, windows, positions, real, values, masks, means, layer,
+                                       kind, k), windows, positions)
     np.testing.assert_allclose(whole[:, real], ce_ref[:, real], atol=CE_TOL, rtol=0)
     np.testing.assert_allclose(kl_whole[:, real], kl_ref[:, real], atol=CE_TOL, rtol=0)
     diff = np.abs(whole - each)[:, real].max()
@@ -234,6 +245,10 @@ def test_many_positions_each_alone_and_whole_layer(tiny, name, kind, layer):
         assert diff > 1e-2  # later layers see the other patched rows: the modes differ
     else:
         np.testing.assert_allclose(whole, each, atol=1e-5, rtol=0)  # nothing runs after the patch
+
+
+def zero_means(config, n):
+    return {"out": jnp.zeros(config.hidden_size), "latents": jnp.zeros(n)}
 
 
 def test_truncation_length_does_not_change_the_result(tiny):
@@ -251,7 +266,7 @@ def test_truncation_length_does_not_change_the_result(tiny):
     assert [run_length(positions, 40, m) for m in (1, 16, 64)] == [13, 16, 40]
     for mode in MODES:
         got = [make_patched_eval(model, 3, "transcoder", 4, mode, length_multiple=m)(
-            params, coder, windows, positions, real, values, masks) for m in (1, 16, 64)]
+            params, coder, windows, positions, real, values, masks, zero_means(config, 64)) for m in (1, 16, 64)]
         for ce, kl in got[1:]:
             np.testing.assert_allclose(ce, got[0][0], atol=1e-5, rtol=0)
             np.testing.assert_allclose(kl, got[0][1], atol=1e-5, rtol=0)
@@ -266,7 +281,7 @@ def test_positions_outside_the_window_are_refused(tiny):
     real = np.ones((2, 1), bool)
     for bad, where in [([3, -1], "position -1 (sentence 1)"), ([15, 3], "position 15 (sentence 0)")]:
         with pytest.raises(UserError, match=r"is outside the window: positions must be in \[0, 14\]") as e:
-            fn(params, coder, windows, np.asarray(bad, np.int32)[:, None], real, values, masks)
+            fn(params, coder, windows, np.asarray(bad, np.int32)[:, None], real, values, masks, zero_means(config, 64))
         assert where in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="3 positions for 2 windows"):
         check_positions(np.array([1, 2, 3]), 16, 2)
@@ -278,6 +293,38 @@ def test_positions_outside_the_window_are_refused(tiny):
     with pytest.raises(UserError, match=r"whole_layer mode needs consecutive positions in each window, but window 1 "
                                         r"has \[2, 4\]"):
         whole(params, coder, windows, np.array([[1, 2], [2, 4]], np.int32), np.ones((2, 2), bool),
-              jnp.zeros((1, 2, 2, 64)), masks)
+              jnp.zeros((1, 2, 2, 64)), masks, zero_means(config, 64))
     with pytest.raises(UserError, match="evaluation mode 'all' is not one of"):
         make_patched_eval(GPTNeoX(config), 5, "transcoder", 4, "all")
+
+
+class ArrayRows:
+    """Token rows from arrays, in chunks (the interface of the activation store's rows)."""
+
+    def __init__(self, points: dict, chunk: int):
+        self.points, self.num_tokens = points, len(next(iter(points.values())))
+        self.chunks = [(a, min(a + chunk, self.num_tokens)) for a in range(0, self.num_tokens, chunk)]
+
+    def inputs(self, a, b):
+        return self.read("mlp_in", a, b)
+
+    def read(self, point, a, b):
+        return self.points[point][a:b]
+
+
+def test_baseline_means_by_hand():
+    """Mean ablation's MLP-output mean and the latents' mean activations (zeros included) over the
+    first `limit` tokens, against numpy by hand."""
+    from nlrw_jax.rewrite.metrics import baseline_means
+
+    rng = np.random.default_rng(5)
+    d, n, k = 8, 16, 3
+    coder = random_coder(d, n, "transcoder")
+    x, out = rng.normal(size=(50, d)).astype(np.float32), rng.normal(size=(50, d)).astype(np.float32)
+    rows = ArrayRows({"mlp_in": x, "mlp_out": out}, chunk=16)
+    got = baseline_means(coder, {"k": k, "kind": "transcoder"}, rows, limit=40, progress=False)
+    pre = np.maximum(x[:40] @ np.asarray(coder["W_enc"]).T + np.asarray(coder["b_enc"]), 0)
+    dense = np.where(pre >= np.sort(pre, axis=1)[:, -k:][:, :1], pre, 0)  # top k per token
+    assert got["tokens"] == 40
+    np.testing.assert_allclose(got["out"], out[:40].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["latents"], dense.mean(0), rtol=1e-5, atol=1e-6)

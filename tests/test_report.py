@@ -24,7 +24,8 @@ def make_run(run_dir, *, raw_all=4.6, norm_all=4.3, n_sentences=24, latents_simu
     """A run folder with evaluate/{results.json, values.npz} in evaluate.py's schema. CE per sentence is a
     condition level plus shared per-sentence noise; raw_all / norm_all are the levels with every latent replaced."""
     rng = np.random.default_rng(seed)
-    levels = {"clean": 4.0, "transcoder": 4.05, "zero_ablation": 4.4}
+    levels = {"clean": 4.0, "transcoder": 4.05, "zero_ablation": 4.4, "mean_ablation": 4.35, "coder_zero": 4.1,
+              "latent_means": 4.12}
     names = [{"name": n} for n in levels]
     variants = ["raw", "normalised", "normalised:empirical:4", "normalised:empirical:8", "normalised:type8:4"]
     mask_meta = [{"selection": s, "fraction": f, "n_selected": int(np.ceil(f * latents_simulated))}
@@ -120,7 +121,9 @@ def test_report_tables_orderings_plots(tmp_path):
     head = md.split("## ", 1)[0]
     assert head.startswith("# Natural-language rewrite of layer 5: report\n\n**Setting:** the transcoder at layer 5;")
     assert "| **best rewrite**: normalised (top, 1.0) |" in head and "| zero ablation |" in head
-    assert "The best rewrite **beats zero ablation** beyond the 95% CI" in head
+    assert "The best rewrite **beats zero ablation** (CE difference" in head
+    assert "**beats mean ablation**" in head and "**is worse than coder, every latent at 0 (b_dec + skip)**" in head
+    assert "| mean ablation |" in head and "| coder, every latent at its mean |" in head
     assert "(b) normalisation helps: **holds**" in head and "(d) normalised ≈ zero ablation, not better: " \
         "**does not hold**" in head
     assert md.index("](loss_vs_fraction.png)") < md.index("## Loss of the rewritten layer")

@@ -5,26 +5,24 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from procs import ONE_DEVICE, kill_at_random_points_then_finish, kill_when_then_rerun
+from procs import ONE_DEVICE, REPO, kill_at_random_points_then_finish, kill_when_then_rerun
 from tiny_run import make_run_with_examples, nlrw
 
 from nlrw_jax.config import load_config
 from nlrw_jax.errors import UserError
-from nlrw_jax.models import hf
-from nlrw_jax.models.gpt_neox import GPTNeoX, token_cross_entropy
 from nlrw_jax.rewrite import simulate as S
 from nlrw_jax.stages.simulate import load_predictions
-from nlrw_jax.rewrite.patched import check_shapes, make_patched_ce
-from nlrw_jax.sparse import coder as sc
+from nlrw_jax.rewrite.patched import check_shapes
 
-SIM = ["simulate.sentences=6", "simulate.calibration=8", "simulate.contexts_per_shard=4",
+SIM = ["simulate.mode=one_at_a_time", "simulate.sentences=6", "simulate.calibration=8", "simulate.contexts_per_shard=4",
        "simulate.latents_per_shard=3", "calibrate.sizes=[4]", "evaluate.fractions=[0.25,1.0]",
        "evaluate.batch_size=4", "evaluate.bootstrap=200"]
 
@@ -39,56 +37,6 @@ def test_readouts_and_raw_mapping():
     np.testing.assert_allclose(S.expected_digit(lp, "reference"), [9 * 0.25, 0.0])
     np.testing.assert_allclose(S.expected_digit(lp, "renormalised"), [9 * 0.25 / 0.75, 0.0], rtol=1e-6)
     np.testing.assert_allclose(S.raw_activation(np.array([0.0, 4.5, 9.0]), np.float32(2.0)), [0.0, 1.0, 2.0])
-
-
-@pytest.mark.parametrize("kind, layer", [("transcoder", 5), ("transcoder", 2), ("sae", 3)])
-def test_patched_forward_matches_full_model_with_hooks(kind, layer):
-    """Every condition of the compiled function equals a full forward with the replacement at p only."""
-    config, params = hf.load("assets/tiny-pythia/final")
-    model = GPTNeoX(config)
-    d, n, k = config.hidden_size, 64, 4
-    coder = sc.init_coder(jax.random.PRNGKey(1), d, n, kind=kind, skip=kind == "transcoder")
-    coder["W_dec"] = jax.random.normal(jax.random.PRNGKey(2), (n, d)) * 0.3
-    if kind == "transcoder":
-        coder["W_skip"] = jax.random.normal(jax.random.PRNGKey(3), (d, d)) * 0.05
-    rng = np.random.default_rng(0)
-    windows = rng.integers(0, config.vocab_size, (4, 64)).astype(np.int32)
-    positions = np.array([31, 40, 50, 62], np.int32)
-    values = rng.uniform(0, 2, (2, 4, n)).astype(np.float32)
-    masks = np.zeros((2, n), bool)
-    masks[0, :5] = True
-    masks[1] = True
-    ce = np.asarray(make_patched_ce(model, layer, kind, k)(params, coder, windows, positions, values, masks))
-    assert ce.shape == (3 + 2 * 2, 4)
-    at_p = (jnp.arange(64)[None, :] == positions[:, None])[..., None]
-
-    def reference(row_fn):
-        def repl(*args):
-            x = args[0]
-            flat = x.reshape(-1, d)
-            new = row_fn(flat).reshape(x.shape)
-            old = args[1](x) if len(args) > 1 else x
-            return jnp.where(at_p, new, old)
-        hook = {"mlp_replacements": {layer: repl}} if kind == "transcoder" else {"resid_replacements": {layer: repl}}
-        logits, _ = model.apply({"params": params}, windows, **hook)
-        return np.asarray(token_cross_entropy(logits, windows))[np.arange(4), positions]
-
-    def simulated(v, m):
-        def row_fn(x):
-            acts, idx, _ = sc.encode(coder, x, k, kind=kind)
-            dense = jnp.zeros((x.shape[0], n)).at[jnp.arange(x.shape[0])[:, None], idx].set(acts)
-            vals = jnp.repeat(jnp.asarray(values[v]), 64, axis=0)  # [B*S, n], row b*S+s -> sentence b
-            combined = jnp.where(m, vals, dense)
-            xin = x - coder["b_dec"] if kind == "sae" else x
-            out = sc.decode(coder, *jax.lax.top_k(combined, k))
-            return out + xin @ coder["W_skip"].T if "W_skip" in coder else out
-        return row_fn
-
-    logits, _ = model.apply({"params": params}, windows)
-    clean = np.asarray(token_cross_entropy(logits, windows))[np.arange(4), positions]
-    want = [clean, reference(lambda x: sc.forward(coder, x, k, kind=kind)["out"]), reference(jnp.zeros_like)]
-    want += [reference(simulated(v, masks[m])) for v in range(2) for m in range(2)]
-    np.testing.assert_allclose(ce, np.stack(want), atol=2e-4)
 
 
 def test_masks_of_the_wrong_width_are_refused():
@@ -143,6 +91,73 @@ def test_killed_simulation_resumes_to_identical_predictions(simulated, tmp_path)
     np.testing.assert_array_equal(got, reference)
 
 
+# all_at_once: 2 + 2 windows x 4 read positions; contexts_per_shard=6 rounds down to one window
+AAO = ["simulate.mode=all_at_once", "simulate.read_positions=4", "simulate.sentences=2", "simulate.calibration=2",
+       "simulate.contexts_per_shard=6", "calibrate.sizes=[4]"]
+
+
+@pytest.fixture(scope="module")
+def all_at_once(simulated, tmp_path_factory):
+    """The simulated run's explanations simulated all at once by two --shard workers."""
+    cfg, overrides, _ = simulated
+    copy = tmp_path_factory.mktemp("aao") / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate", "calibrate", "evaluate", "report"))
+    args = [*overrides, *AAO, f"run_dir={copy}"]
+    nlrw("simulate", "configs/tiny.yaml", *args, "--shard", "1", "--num-shards", "2")
+    nlrw("simulate", "configs/tiny.yaml", *args, "--shard", "0", "--num-shards", "2")
+    return load_config("configs/tiny.yaml", args), args
+
+
+def test_all_at_once_contexts_shards_and_calibration(all_at_once, tmp_path):
+    cfg, args = all_at_once
+    preds = load_predictions(cfg)
+    c = preds["contexts"]
+    width, ctx = cfg.examples.window_tokens, cfg.data.ctx_len
+    assert c["windows"].shape == (4, ctx) and int(c["n_eval"]) == 8
+    assert list(c["window"]) == [w for w in range(4) for _ in range(4)]  # window-major
+    p = c["positions"].reshape(4, 4)
+    assert (np.diff(p, axis=1) == 1).all() and (p[:, 0] >= width - 1).all() and (p[:, -1] <= ctx - 2).all()
+    assert preds["logprobs"].shape == (16, 4, 10)
+    shards = sorted(Path(cfg.run_dir, "simulate", "shards").glob("*.npz"))
+    assert len(shards) == 4 * 2  # 4 windows x 2 latent blocks
+    assert all(np.load(f)["contexts"].tolist() in ([0, 4], [4, 8], [8, 12], [12, 16]) for f in shards)
+    e = S.expected_digit(preds["logprobs"], "renormalised")
+    assert ((0 <= e) & (e <= 9)).all() and np.isfinite(preds["logprobs"][:, preds["explained"]]).any()
+    # one worker gives the same shards, bit for bit
+    one = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, one, ignore=shutil.ignore_patterns("simulate"))
+    nlrw("simulate", "configs/tiny.yaml", *args, f"run_dir={one}")
+    again = load_predictions(load_config("configs/tiny.yaml", [*args, f"run_dir={one}"]))
+    np.testing.assert_array_equal(again["logprobs"], preds["logprobs"])
+    # calibration uses every read position of the calibration windows
+    nlrw("calibrate", "configs/tiny.yaml", *args)
+    maps = sorted(p.name for p in Path(cfg.run_dir, "calibrate", "maps").glob("*.npz"))
+    assert maps == ["empirical_4.npz", "empirical_8.npz", "type8_4.npz", "type8_8.npz"]
+
+
+@pytest.mark.slow
+def test_all_at_once_killed_at_random_points_gives_identical_shards(all_at_once, tmp_path):
+    cfg, args = all_at_once
+    reference = {f.name: np.load(f)["logprobs"] for f in Path(cfg.run_dir, "simulate", "shards").glob("*.npz")}
+    copy = tmp_path / "tiny"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate", "calibrate"))
+    cmd = [sys.executable, "-m", "nlrw_jax.cli", "simulate", "configs/tiny.yaml", *args, f"run_dir={copy}"]
+    rng = random.Random(15)
+    for _ in range(3):  # killed a random 0-4 s after the contexts exist (mid-shard or between shards)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ONE_DEVICE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (copy / "simulate" / "contexts.npz").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    nlrw("simulate", "configs/tiny.yaml", *args, f"run_dir={copy}")
+    got = {f.name: np.load(f)["logprobs"] for f in (copy / "simulate" / "shards").glob("*.npz")}
+    assert sorted(got) == sorted(reference)
+    for name in reference:
+        np.testing.assert_array_equal(got[name], reference[name])
+
+
 @pytest.fixture(scope="module")
 def evaluated(simulated):
     cfg, overrides, _ = simulated
@@ -155,12 +170,16 @@ def test_evaluate_results(evaluated):
     cfg, _, res = evaluated
     names = [(c["name"], c.get("selection"), c.get("fraction")) for c in res["conditions"]]
     variants = ["raw", "normalised", "normalised:empirical:4", "normalised:empirical:8", "normalised:type8:4"]
-    assert names[:3] == [("clean", None, None), ("transcoder", None, None), ("zero_ablation", None, None)]
-    assert names[3:] == [x for v in variants for x in [(v, s, f) for s in ("top", "random") for f in (0.25, 1.0)]
+    assert names[:6] == [(n, None, None) for n in ("clean", "transcoder", "zero_ablation", "mean_ablation",
+                                                   "coder_zero", "latent_means")]
+    assert names[6:] == [x for v in variants for x in [(v, s, f) for s in ("top", "random") for f in (0.25, 1.0)]
                          + [(v, "all_latents", 1.0)]]
     by = {n: c for n, c in zip(names, res["conditions"])}
     for c in res["conditions"]:
         assert c["ce_ci"][0] <= c["ce"] <= c["ce_ci"][1] and c["delta_ci"][0] <= c["delta_vs_clean"] + 1e-9
+        assert c["kl_ci"][0] - 1e-9 <= c["kl"] <= c["kl_ci"][1] + 1e-9 and c["kl"] >= -1e-6
+    assert by[("clean", None, None)]["kl"] == 0 and by[("zero_ablation", None, None)]["kl"] > 0
+    assert res["mode"] == "each" and res["other_modes"] == {} and res["positions_per_window"] == 1
     # all latents replaced: top and random select the same set
     assert by[("raw", "top", 1.0)]["ce"] == pytest.approx(by[("raw", "random", 1.0)]["ce"])
     assert by[("raw", "top", 0.25)]["n_selected"] == 1
@@ -169,8 +188,26 @@ def test_evaluate_results(evaluated):
     assert res["sentences"] == 6 and res["latents_simulated"] == 4
     assert len(res["latents"]) == 4 and {"raw_specificity", "normalised_specificity"} <= set(res["latents"][0])
     values = np.load(Path(cfg.run_dir, "evaluate", "values.npz"))
-    assert values["ce"].shape == (len(names), 6) and values["normalised"].shape == (6, 4)
+    assert values["ce"].shape == values["kl"].shape == (len(names), 6) and values["normalised"].shape == (6, 4)
     assert (values["normalised"] >= 0).all()
+
+
+def test_whole_layer_mode_beside_each(evaluated, tmp_path):
+    """evaluate.modes=[whole_layer, each]: both modes' conditions, the first the main one. With one
+    position per window they patch the same thing, so they agree (the modes' equality with hooked
+    forwards at several positions and layers is tests/test_patched.py's)."""
+    cfg, overrides, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("evaluate", "report"))
+    args = [*overrides, f"run_dir={copy}", "evaluate.modes=[whole_layer,each]"]
+    nlrw("evaluate", "configs/tiny.yaml", *args)
+    res = json.loads((copy / "evaluate" / "results.json").read_text())
+    assert res["mode"] == "whole_layer" and list(res["other_modes"]) == ["each"]
+    for a, b in zip(res["conditions"], res["other_modes"]["each"]):
+        assert a["name"] == b["name"] and a["ce"] == pytest.approx(b["ce"], abs=1e-4)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+    table = (copy / "evaluate" / "table.csv").read_text().splitlines()
+    assert table[0].startswith("mode,condition") and len(table) == 1 + 2 * len(res["conditions"])
 
 
 def test_calibration_maps_are_monotone_and_fit_on_calibration_contexts(evaluated):

@@ -70,6 +70,10 @@ class StoreRows:
     def inputs(self, start: int, stop: int) -> np.ndarray:
         return self.store.read(self.point, start, stop)
 
+    def read(self, point: str, start: int, stop: int) -> np.ndarray:
+        """Any captured point of these rows (e.g. the transcoder's target, mlp_out)."""
+        return self.store.read(point, start, stop)
+
     def window_tokens(self, window_ids: np.ndarray, width: int) -> np.ndarray:
         return np.stack([self.tokens(int(w) * width, int(w) * width + width) for w in window_ids]) \
             if len(window_ids) else np.zeros((0, width), np.int32)
@@ -84,22 +88,28 @@ class ForwardRows(StoreRows):
 
     def __init__(self, config, params, windows: np.ndarray, layer: int, point: str, model_dtype: str,
                  chunk_windows: int, identity: str):
-        from nlrw_jax.data.capture import forward_fn
-
         self.params, self.windows = params, np.asarray(windows, np.int32)
         self.point, self.ctx_len = point, self.windows.shape[1]
         self.num_tokens = self.windows.size
         step = chunk_windows * self.ctx_len
         self.chunks = [(s, min(s + step, self.num_tokens)) for s in range(0, self.num_tokens, step)]
         self.identity = identity
-        self._fwd = forward_fn(config, layer, (point,), model_dtype)
+        self._fwd, self._model = {}, (config, layer, model_dtype)  # one jitted forward per point read
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         return self.windows.reshape(-1)[start:stop]
 
     def inputs(self, start: int, stop: int) -> np.ndarray:
+        return self.read(self.point, start, stop)
+
+    def read(self, point: str, start: int, stop: int) -> np.ndarray:
+        from nlrw_jax.data.capture import forward_fn
+
+        if point not in self._fwd:
+            config, layer, dtype = self._model
+            self._fwd[point] = forward_fn(config, layer, (point,), dtype)
         first, last = start // self.ctx_len, -(-stop // self.ctx_len)  # the context windows covering the rows
-        x = np.asarray(self._fwd(self.params, jnp.asarray(self.windows[first:last]))[self.point], np.float32)
+        x = np.asarray(self._fwd[point](self.params, jnp.asarray(self.windows[first:last]))[point], np.float32)
         return x[start - first * self.ctx_len:stop - first * self.ctx_len]
 
 

@@ -72,6 +72,25 @@ def explainer_messages(examples: list[tuple[list[str], np.ndarray]]) -> list[dic
     return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": "\n\n".join(lines)}]
 
 
+# delphi's SYSTEM_CONTRASTIVE idea in our wording: counter-examples come from the latents whose decoder
+# directions are closest, so they show what this latent is *not* among features much like it.
+EXPLAINER_CONTRASTIVE_SYSTEM = EXPLAINER_SYSTEM.replace(
+    "\n- Produce a concise final description.",
+    "\nAfter them come counter-examples: texts on which closely related features are active but this one is not "
+    "(nothing is marked in them).\n- Produce a concise final description of what distinguishes the examples from "
+    "the counter-examples.", 1)
+COUNTER_EXAMPLES_HEADER = "Counter-examples (this feature is not active):"
+
+
+def explainer_contrastive_messages(examples: list[tuple[list[str], np.ndarray]],
+                                   counter: list[list[str]]) -> list[dict]:
+    """The plain prompt's examples, then `counter` (token pieces of windows where the latent is silent)."""
+    user = explainer_messages(examples)[1]["content"]
+    lines = [f"Counter-example {i}: {mark(pieces, np.zeros(len(pieces), bool))}" for i, pieces in enumerate(counter, 1)]
+    return [{"role": "system", "content": EXPLAINER_CONTRASTIVE_SYSTEM},
+            {"role": "user", "content": "\n\n".join([user, COUNTER_EXAMPLES_HEADER, *lines])}]
+
+
 def parse_explanation(text: str) -> str:
     """The explanation: the generated text after the forced prefix, up to the first blank line."""
     text = text.split(EXPLANATION_PREFIX)[-1].strip()
@@ -123,3 +142,37 @@ def simulator_messages(explanation: str, pieces: list[str], order: str) -> list[
         messages += [{"role": "user", "content": simulator_user(expl, window, order)},
                      {"role": "assistant", "content": f"[{rating}]"}]
     return messages + [{"role": "user", "content": simulator_user(explanation, mark(pieces, marked), order)}]
+
+
+# ------------------------------------------------------------------- simulator, all at once
+
+# One prompt per (latent, window): the window's tokens one per line, each followed by a tab and a
+# rating slot (OpenAI's ALL_AT_ONCE layout). The worked example shows real ratings; the target lines
+# show PLACEHOLDER, so no line conditions on the model's own guesses, and the digit distribution is
+# read after every tab from one forward pass (prompt log-probs). vLLM V1 computes prompt log-probs
+# without reading its prefix cache, so every prompt pays for its whole prefix: it is kept short.
+SIMULATOR_ALL_SYSTEM = """You are a meticulous linguistics researcher. You will be given an explanation of a feature of text, then a text, one token per line.
+After each token write a tab and an integer from 0 to 9: how much that token represents the feature. 0 means no relation, 9 a strong and exact match. Most tokens have no relation to the feature, so 0 is by far the most common rating."""
+
+PLACEHOLDER = "unknown"
+SEPARATOR = "\t"
+
+SIMULATOR_ALL_FEW_SHOT = ("Years and dates in historical writing.",
+                          (("The", 0), (" treaty", 0), (" was", 0), (" signed", 0), (" in", 0), (" 16", 8),
+                           ("48", 9), (",", 0), (" ending", 0), (" the", 0), (" war", 0), (".", 0)))
+
+
+def line_text(piece: str) -> str:
+    """A token as one line of the display: newlines and tabs escaped, so each token stays one line."""
+    return piece.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def simulator_all_messages(explanation: str) -> list[dict]:
+    """System prompt, the worked example, then the target's explanation; the assistant turn (the
+    target's lines) is appended as token ids by rewrite.simulate.window_prompts."""
+    expl, lines = SIMULATOR_ALL_FEW_SHOT
+    answer = "".join(f"{line_text(t)}{SEPARATOR}{r}\n" for t, r in lines)
+    return [{"role": "system", "content": SIMULATOR_ALL_SYSTEM},
+            {"role": "user", "content": f"Feature explanation: {expl}"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"Feature explanation: {explanation}"}]

@@ -8,9 +8,11 @@ environment), e.g. to check that the three backends agree (tests/test_llm_backen
 IN.json: either a list of prompts (each a list of token ids; the candidates are then --candidates)
 or an object
     {"prompts": [[ids...], ...], "candidates": ["0", "1", ...], "max_tokens": 8,
-     "render": [{"messages": [{"role": ..., "content": ...}], "answer_prefix": "["}, ...]}
+     "render": [{"messages": [{"role": ..., "content": ...}], "answer_prefix": "["}, ...],
+     "slots": [[slot index, ...], ...]}                  # per prompt: backend.slot_logprobs
 where everything but "prompts" is optional. OUT.json (written atomically):
     {"logprobs": [[float or null (= -inf), ...], ...],   # [n prompts, n candidates]
+     "slot_logprobs": [[[float or null, ...], ...], ...], # [n prompts][n slots][n candidates]
      "generations": [str, ...],                          # greedy, max_tokens each
      "rendered": [[ids...], ...],                        # backend.render of each "render" item
      "candidates": [...], "startup_s": s, "logprobs_s": s, "generate_s": s}
@@ -45,7 +47,8 @@ def read_request(path: Path, candidates: list[str], max_tokens: int) -> dict:
         if not (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
             raise UserError(f"{path}: prompt {i} is not a non-empty list of token ids")
     return {"prompts": prompts, "candidates": [str(c) for c in req.get("candidates", candidates)],
-            "max_tokens": int(req.get("max_tokens", max_tokens)), "render": list(req.get("render", []))}
+            "max_tokens": int(req.get("max_tokens", max_tokens)), "render": list(req.get("render", [])),
+            "slots": req.get("slots")}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -69,19 +72,24 @@ def run(args) -> dict:
 
     req = read_request(args.prompts, args.candidates.split(","), args.max_tokens)
     cfg = LLMConfig(backend="vllm", model=args.model, dtype=args.dtype, top_logprobs=args.top_logprobs,
-                    max_model_len=args.max_model_len, memory_fraction=args.memory_fraction)
+                    max_model_len=args.max_model_len, memory_fraction=args.memory_fraction,
+                    block_size=args.block_size or None)
     t0 = time.perf_counter()
     backend = make_backend(cfg, progress=False)
     t1 = time.perf_counter()
     try:
         rendered = [backend.render(r["messages"], r.get("answer_prefix", "")) for r in req["render"]]
         lp = backend.next_token_logprobs(req["prompts"], req["candidates"]) if req["prompts"] else []
+        slot_lp = backend.slot_logprobs(req["prompts"], req["slots"], req["candidates"]) if req["slots"] else []
         t2 = time.perf_counter()
         gens = backend.generate(req["prompts"], req["max_tokens"]) if req["prompts"] and req["max_tokens"] > 0 else []
         t3 = time.perf_counter()
     finally:
         backend.close()
-    return {"logprobs": [[float(v) if math.isfinite(v) else None for v in row] for row in lp],
+    def js(rows):
+        return [[float(v) if math.isfinite(v) else None for v in row] for row in rows]
+
+    return {"logprobs": js(lp), "slot_logprobs": [js(x) for x in slot_lp],
             "generations": gens, "rendered": rendered, "candidates": req["candidates"],
             "model": args.model, "startup_s": t1 - t0, "logprobs_s": t2 - t1, "generate_s": t3 - t2}
 
@@ -97,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--memory-fraction", type=float, default=0.2)
+    ap.add_argument("--block-size", type=int, default=32, help="KV-cache block size; 0 = the engine's default")
     args = ap.parse_args(argv)
     try:
         write_json_atomic(args.out, run(args))

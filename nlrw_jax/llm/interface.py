@@ -7,6 +7,9 @@
     backend.next_token_logprobs(prompts, candidates) -> [n, len(candidates)] log-probs of the
                                                next token; -inf where a candidate is not among
                                                the top `llm.top_logprobs`
+    backend.slot_logprobs(prompts, slots, candidates) -> per prompt [len(slots[i]), len(candidates)]:
+                                               the log-probs of the token after each slot index of
+                                               the prompt, from one forward pass (all_at_once)
 
 Prompts are token ids rendered by our own tokenizer, so every backend sees exactly the same
 tokens. The backends (local.py, vllm_engine.py, openai_pool.py) import this module, never each
@@ -25,6 +28,13 @@ from nlrw_jax.errors import UserError
 
 if TYPE_CHECKING:
     from nlrw_jax.config import LLMConfig
+
+
+def check_slots(prompts: list[list[int]], slots: list[list[int]]) -> None:
+    """Each slot must have a next token in its prompt (a bug in the caller otherwise)."""
+    if len(slots) != len(prompts) or any(s and not 0 <= min(s) <= max(s) < len(p) - 1
+                                         for p, s in zip(prompts, slots)):
+        raise ValueError("slot_logprobs: a slot outside its prompt (or not followed by a token)")
 
 
 class Backend(abc.ABC):
@@ -65,6 +75,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def next_token_logprobs(self, prompts: list[list[int]], candidates: Sequence[str], bar=None) -> np.ndarray:
         """[n, len(candidates)] next-token log-probs; -inf outside the top llm.top_logprobs."""
+
+    @abc.abstractmethod
+    def slot_logprobs(self, prompts: list[list[int]], slots: list[list[int]], candidates: Sequence[str],
+                      bar=None) -> list[np.ndarray]:
+        """Per prompt [len(slots[i]), len(candidates)]: log-probs of the token at s + 1 given the prompt
+        up to s, for each slot index s; -inf outside the top llm.top_logprobs. `bar` counts slots."""
 
     def close(self):
         pass

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nlrw_jax.llm.interface import Backend
+from nlrw_jax.llm.interface import Backend, check_slots
 from nlrw_jax.llm.models import load_transformers, require_llm
 
 if TYPE_CHECKING:
@@ -43,6 +43,49 @@ class LocalBackend(Backend):
         if own:
             bar.close()
         return out
+
+    def slot_logprobs(self, prompts, slots, candidates, bar=None):
+        torch = self.torch
+        check_slots(prompts, slots)
+        cand = torch.tensor(self.candidate_ids(candidates))
+        out = []
+        bar, own = self._bar(bar, sum(len(s) for s in slots), "simulate")
+        with torch.inference_mode():
+            for lo, hi in _prefix_batches(prompts, self.cfg.batch_size):
+                for logp in self._slot_logprobs(prompts[lo:hi], slots[lo:hi]):
+                    top = logp.topk(self.cfg.top_logprobs, dim=-1).indices
+                    keep = (top[:, :, None] == cand[None, None, :]).any(1)
+                    out.append(torch.where(keep, logp[:, cand], -math.inf).float().numpy())
+                bar.update(sum(len(s) for s in slots[lo:hi]))
+        if own:
+            bar.close()
+        return out
+
+    def _slot_logprobs(self, batch: list[list[int]], slots: list[list[int]]):
+        """Per prompt, log-probs [len(slots), vocab] at its slots. The common prefix (up to the first
+        slot) runs once and its KV cache is shared; the rest is right-padded, and the vocabulary
+        projection runs at the slots only (all positions would be [batch, tokens, 49k] floats)."""
+        torch = self.torch
+        shared = min(_common_prefix(batch), min(min(s) for s in slots if s) if any(slots) else 0)
+        cache = None
+        if shared > 0:
+            cache = self.lm(input_ids=torch.tensor([batch[0][:shared]]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(batch))
+        rest = [p[shared:] for p in batch]
+        width = max(len(r) for r in rest)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(rest):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, shared:shared + len(r)] = 1
+            pos[i, :len(r)] = torch.arange(shared, shared + len(r))
+        hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                       use_cache=cache is not None).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        return [torch.log_softmax(head(hidden[i, torch.tensor(s, dtype=torch.long) - shared]).float(), dim=-1)
+                for i, s in enumerate(slots)]
 
     def _last_logprobs(self, batch: list[list[int]]):
         """Next-token log-probs after each prompt; the common prefix runs once, its KV cache is shared."""

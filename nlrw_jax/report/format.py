@@ -8,8 +8,11 @@ import numpy as np
 
 VARIANTS = ("raw", "normalised")
 SELECTIONS = ("top", "random")
-FIXED = ("clean", "transcoder", "zero_ablation")
-FIXED_LABELS = {"clean": "clean", "transcoder": "transcoder", "zero_ablation": "zero ablation"}
+FIXED = ("clean", "transcoder", "zero_ablation", "mean_ablation", "coder_zero", "latent_means")
+FIXED_LABELS = {"clean": "clean", "transcoder": "transcoder", "zero_ablation": "zero ablation",
+                "mean_ablation": "mean ablation", "coder_zero": "coder, every latent at 0 (b_dec + skip)",
+                "latent_means": "coder, every latent at its mean"}
+BASELINES = ("zero_ablation", "mean_ablation", "coder_zero", "latent_means")  # what a rewrite must beat
 
 
 def isnum(x) -> bool:

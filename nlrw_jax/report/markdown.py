@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nlrw_jax.report.format import FIXED, FIXED_LABELS, SELECTIONS, VARIANTS, ci_text, condition_label, frac, isnum, \
-    num, pm, signed, table
+from nlrw_jax.report.format import BASELINES, FIXED, FIXED_LABELS, SELECTIONS, VARIANTS, ci_text, condition_label, \
+    frac, isnum, num, pm, signed, table
 from nlrw_jax.report.stats import RunResults, column, compare, spearman, sweep_entries
 
 
@@ -40,22 +40,26 @@ def summary(run: RunResults, res: dict, claims: list[tuple[str, str, bool | None
         else c.get("selection") == "top" and c.get("fraction") == run.fmax)]
     best = min(candidates, key=lambda c: c["ce"], default=None)
     rows = []
-    named = [("clean", run.find("clean")), ("transcoder (every true latent)", run.find("transcoder")),
-             ("zero ablation", run.find("zero_ablation")), (f"**best rewrite**: {condition_label(best)}"
-                                                             if best else "best rewrite", best)]
+    named = [("clean", run.find("clean")), ("transcoder (every true latent)", run.find("transcoder"))]
+    named += [(FIXED_LABELS[b], run.find(b)) for b in BASELINES]
+    named += [(f"**best rewrite**: {condition_label(best)}" if best else "best rewrite", best)]
     for label, c in named + [(condition_label(c), c) for c in full if c is not best]:
         if c is not None:
             rows.append([label, num(c["ce"]), f"{signed(c['delta_vs_clean'])} {ci_text(c['delta_ci'])}",
                          f"{num(c.get('kl'))} {ci_text(c.get('kl_ci'))}", c.get("equivalent_note", "")])
     lines += table(["condition", "CE", "Δ CE vs clean (95% CI)", "KL to clean (95% CI)",
                      "equivalent training fraction"], rows)
-    zero = run.find("zero_ablation")
-    if best is not None and zero is not None:
-        pd = run.paired_diff(best, zero)
+    verdicts = []
+    for b in BASELINES:
+        base = run.find(b)
+        pd = run.paired_diff(best, base) if best is not None and base is not None else None
         if pd is not None:
-            beats = "beats" if pd[1][1] < 0 else "is worse than" if pd[1][0] > 0 else "does not differ from"
-            lines += ["", f"The best rewrite **{beats} zero ablation** beyond the 95% CI: CE difference "
-                          f"{signed(pd[0])} nats [{num(pd[1][0])}, {num(pd[1][1])}]."]
+            beats = "beats" if pd[1][1] < 0 else "is worse than" if pd[1][0] > 0 else "is within the CI of"
+            verdicts.append(f"**{beats} {FIXED_LABELS[b]}** (CE difference {signed(pd[0])} nats, 95% CI "
+                            f"[{num(pd[1][0])}, {num(pd[1][1])}])")
+    if verdicts:
+        lines += ["", "The best rewrite " + "; ".join(verdicts) + ". A rewrite shows what the explanations add only "
+                  "where it beats every baseline."]
     lines += ["", "**The paper's claims:** " + "; ".join(f"({tag}) {short} {verdict(ok)}" for tag, short, ok in claims)
               + " (details under Orderings).", ""]
     return lines

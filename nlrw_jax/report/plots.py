@@ -57,7 +57,8 @@ def plot_loss(run: RunResults, path: Path) -> None:
     fig = _new_figure(6.5 * len(panels), 4.8)
     axes = fig.subplots(1, len(panels), sharex=True)
     colours = {"raw": "tab:red", "normalised": "tab:blue"}
-    refs = {"clean": ("black", ":"), "transcoder": ("tab:green", "-."), "zero_ablation": ("tab:gray", "-")}
+    refs = {"clean": ("black", ":"), "transcoder": ("tab:green", "-."), "zero_ablation": ("tab:gray", "-"),
+            "mean_ablation": ("tab:purple", "-"), "coder_zero": ("tab:olive", "--"), "latent_means": ("tab:brown", ":")}
     for ax, (key, ci_key) in zip(axes, panels):
         for v in VARIANTS:
             for s in SELECTIONS:

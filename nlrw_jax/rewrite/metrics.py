@@ -5,9 +5,7 @@ sensitivity of the predictions."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,32 @@ def selection_masks(ranking: list[int], latents: np.ndarray, num_latents: int, f
     return np.stack(masks), meta
 
 
+def baseline_means(params, meta: dict, rows, limit: int = 0, progress: bool = True) -> dict:
+    """The baselines' statistics over the first `limit` tokens of the coder's rows (0: all), in one
+    streaming pass: {"out": [d] the mean of what the coder replaces (the MLP output for a
+    transcoder, the residual for an SAE), "latents": [n] each latent's mean activation (zeros
+    included), "tokens"}."""
+    from tqdm import tqdm
+
+    from nlrw_jax.interpret.examples import encoder
+    from nlrw_jax.sparse.coder import points_for
+
+    in_point, out_point = points_for(meta["kind"])
+    n = params["W_enc"].shape[0]
+    limit = limit or rows.num_tokens
+    chunks = [(a, min(b, limit)) for a, b in rows.chunks if a < limit]
+    out_sum, lat_sum, seen = 0.0, np.zeros(n), 0
+    for a, b in tqdm(chunks, desc="evaluate (baseline means)", unit="chunk", disable=not progress):
+        x = rows.inputs(a, b)
+        acts, idx = encoder(meta["k"], meta["kind"])(params, x)
+        lat_sum += np.bincount(np.asarray(idx).ravel(), np.asarray(acts, np.float64).ravel(), minlength=n)
+        out = x if out_point == in_point else rows.read(out_point, a, b)
+        out_sum = out_sum + np.asarray(out, np.float64).sum(0)
+        seen += b - a
+    return {"out": (out_sum / seen).astype(np.float32), "latents": (lat_sum / seen).astype(np.float32),
+            "tokens": seen}
+
+
 def bootstrap(x: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """[n, C] condition means of x [C, N] over resampled contexts, the same resample for every
     condition (so differences are paired). `groups` [N] (the contexts' windows) resamples whole
@@ -56,25 +80,20 @@ def ci(samples: np.ndarray) -> list[float]:
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
-def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, window: np.ndarray, positions: np.ndarray,
-                     clean_ce: float, batch_size: int) -> list[dict]:
-    """CE at the evaluated (window, position) contexts of the model's partially trained checkpoints
-    (checkpoints.json next to a local checkpoint `folder`), sorted by training fraction; the final
-    model is fraction 1. windows [W, S]; window, positions [N]: each context's window and position."""
+def checkpoint_curve(checkpoints: list[dict], final_name: str, dtype: str, windows: np.ndarray,
+                     window: np.ndarray, positions: np.ndarray, clean_ce: float, batch_size: int) -> list[dict]:
+    """CE at the evaluated (window, position) contexts of the model's partially trained
+    `checkpoints` ([{name, fraction, folder}]), sorted by training fraction; the final model is
+    fraction 1 with `clean_ce`. windows [W, S]; window, positions [N]: each context's window and position."""
     from nlrw_jax.models import hf
     from nlrw_jax.models.gpt_neox import GPTNeoX, token_cross_entropy
 
-    index = folder.parent / "checkpoints.json"
-    curve = [{"name": folder.name, "fraction": 1.0, "ce": clean_ce}]
-    if not index.exists():
-        return curve
+    curve = [{"name": final_name, "fraction": 1.0, "ce": clean_ce}]
     dtype = jnp.dtype(dtype)
     used = np.unique(window)  # each window runs once; all its positions are read from that run
     compiled = {}  # one jitted CE function per architecture: the checkpoints share it
-    for name, entry in json.loads(index.read_text())["checkpoints"].items():
-        if name == folder.name or not (folder.parent / name).is_dir():
-            continue
-        config, params = hf.load(folder.parent / name, dtype=dtype)
+    for point in checkpoints:
+        config, params = hf.load(point["folder"], dtype=dtype)
         if repr(config) not in compiled:
             model = GPTNeoX(config, dtype=dtype)
             compiled[repr(config)] = jax.jit(lambda p, w, model=model: token_cross_entropy(
@@ -83,7 +102,7 @@ def checkpoint_curve(folder: Path, dtype: str, windows: np.ndarray, window: np.n
         per_window = np.concatenate([np.asarray(ce_all(params, windows[used[i:i + batch_size]]))
                                      for i in range(0, len(used), batch_size)])
         ces = per_window[np.searchsorted(used, window), positions]
-        curve.append({"name": name, "fraction": float(entry["fraction"]), "ce": float(ces.mean())})
+        curve.append({"name": point["name"], "fraction": float(point["fraction"]), "ce": float(ces.mean())})
     return sorted(curve, key=lambda c: c["fraction"])
 
 

@@ -6,8 +6,8 @@ transcoder's latent vector, overwrite the selected latents with their simulated 
 others keep their true values), keep the top k of the combined vector, decode it
 (acts @ W_dec + b_dec + x @ W_skip^T) and replace the MLP output at p; the cross-entropy of the
 next token at p is the score. For a residual SAE the decoded vector replaces the residual
-stream at p instead. Conditions are: clean, transcoder (all true latents), zero ablation, then
-every (values variant x selection mask) pair.
+stream at p instead. Conditions are FIXED_CONDITIONS (clean, the coder with its true latents, and
+the baselines), then every (values variant x selection mask) pair.
 
 `make_patched_eval` is the one used: nothing before the coder's layer, and nothing after the
 window's last evaluated position, depends on the condition, so the clean model runs once per
@@ -28,7 +28,11 @@ from nlrw_jax.errors import UserError
 from nlrw_jax.models.gpt_neox import KV, GPTNeoX, LayerNorm
 from nlrw_jax.sparse import coder as sc
 
-FIXED_CONDITIONS = ("clean", "transcoder", "zero_ablation")
+# The baselines beside clean and the coder: zero ablation (the paper's bar), mean ablation (the
+# layer's output at p replaced by its mean over the activation store), the coder with every latent
+# at zero (what b_dec and the skip term alone give) and every latent at its mean activation
+# (decoded through the same top-k rule). Explanations add something only where a rewrite beats these.
+FIXED_CONDITIONS = ("clean", "transcoder", "zero_ablation", "mean_ablation", "coder_zero", "latent_means")
 
 
 def check_shapes(values, masks, num_latents: int) -> None:
@@ -68,10 +72,11 @@ def check_consecutive(positions, real) -> None:
                             f"{p.tolist()}")
 
 
-def _condition_rows(coder, x, resid_p, mlp_out_p, values, masks, kind: str, k: int):
+def _condition_rows(coder, x, resid_p, mlp_out_p, values, masks, means, kind: str, k: int):
     """The patched residual rows after the coder's layer for every condition -> [C, P, d] float32.
     x, resid_p, mlp_out_p [P, d]: the coder's input, the clean residual stream and the clean MLP
-    output at the P patched positions; values [V, P, n]; masks [M, n]."""
+    output at the P patched positions; values [V, P, n]; masks [M, n]; means {"out": [d] the mean
+    of what the coder replaces (MLP output, or the residual for an SAE), "latents": [n]}."""
     p_rows, n = x.shape[0], coder["W_enc"].shape[0]
     rows = jnp.arange(p_rows)
 
@@ -95,7 +100,10 @@ def _condition_rows(coder, x, resid_p, mlp_out_p, values, masks, kind: str, k: i
     chunk = max(1, min(n_var * n_mask, (64 << 20) // max(1, p_rows * n)))
     sims = jax.lax.map(lambda vm: decode(jnp.where(masks[vm[1]], values[vm[0]], dense), x), pairs,
                        batch_size=chunk)  # [V * M, P, d]
-    fixed = jnp.stack([clean.astype(jnp.float32), decode(dense, x), jnp.zeros_like(clean, jnp.float32)])
+    mean_latents = jnp.broadcast_to(means["latents"].astype(jnp.float32), dense.shape)
+    fixed = jnp.stack([clean.astype(jnp.float32), decode(dense, x), jnp.zeros_like(clean, jnp.float32),
+                       jnp.broadcast_to(means["out"].astype(jnp.float32), clean.shape), decode(jnp.zeros_like(dense), x),
+                       decode(mean_latents, x)])
     return base[None] + jnp.concatenate([fixed, sims])  # [C, P, d]
 
 
@@ -107,20 +115,20 @@ def _head_logp(model: GPTNeoX, lm_params, rows):
 
 
 def make_patched_ce(model: GPTNeoX, layer: int, kind: str, k: int):
-    """jit(lm_params, coder_params, windows [B, S], positions [B], values [V, B, n], masks [M, n])
-    -> CE [3 + V*M, B]: rows FIXED_CONDITIONS, then variant-major (v * M + m)."""
+    """jit(lm_params, coder_params, windows [B, S], positions [B], values [V, B, n], masks [M, n],
+    means) -> CE [F + V*M, B]: rows FIXED_CONDITIONS (F of them), then variant-major (v * M + m)."""
     c = model.config
     last = c.num_hidden_layers - 1
     sc.points_for(kind)  # an unknown kind is refused here, not at the first call
 
-    def patched_ce(lm_params, coder, windows, positions, values, masks):
+    def patched_ce(lm_params, coder, windows, positions, values, masks, means):
         b = jnp.arange(windows.shape[0])
         in_point = sc.points_for(kind)[0]
         _, got = model.apply({"params": lm_params}, windows, last_layer=layer,
                              capture=[(layer, in_point), (layer, "mlp_out"), (layer, "resid_post")])
         resid = got[(layer, "resid_post")]  # [B, S, d]: the clean stream after `layer`
         at_p = [got[(layer, n)][b, positions].astype(jnp.float32) for n in (in_point, "resid_post", "mlp_out")]
-        rows = _condition_rows(coder, *at_p, values, masks, kind, k)
+        rows = _condition_rows(coder, *at_p, values, masks, means, kind, k)
 
         def finish(row):  # one condition: the patched row through the rest of the model, logits at p
             if layer < last:
@@ -149,7 +157,7 @@ MODES = ("each", "whole_layer")
 def make_patched_eval(model: GPTNeoX, layer: int, kind: str, k: int, mode: str = "each",
                       length_multiple: int = 32):
     """fn(lm_params, coder_params, windows [B, S], positions [B, R], real [B, R], values [V, B, R, n],
-    masks [M, n]) -> (CE [C, B, R], KL [C, B, R]), C = 3 + V*M in make_patched_ce's row order;
+    masks [M, n], means) -> (CE [C, B, R], KL [C, B, R]), C = F + V*M in make_patched_ce's row order;
     KL = KL(clean || patched) of the next-token distribution at p (0 for the clean row). `real`
     marks the used position slots (windows have different numbers of positions); the others'
     outputs are meaningless.
@@ -173,14 +181,14 @@ def make_patched_eval(model: GPTNeoX, layer: int, kind: str, k: int, mode: str =
     if length_multiple < 1:
         raise UserError(f"length_multiple must be >= 1, got {length_multiple}")
 
-    def patched(lm_params, coder, windows, positions, real, values, masks, length):
+    def patched(lm_params, coder, windows, positions, real, values, masks, means, length):
         bsz, r = positions.shape
         b = jnp.arange(bsz)[:, None]
         capture = [(layer, in_point), (layer, "mlp_out"), (layer, "resid_post"), *[(i, KV) for i in later]]
         _, got = model.apply({"params": lm_params}, windows[:, :length], last_layer=last, capture=capture)
         at_p = [got[(layer, n)][b, positions].astype(jnp.float32).reshape(bsz * r, -1)
                 for n in (in_point, "resid_post", "mlp_out")]
-        rows = _condition_rows(coder, *at_p, values.reshape(values.shape[0], bsz * r, -1), masks, kind, k)
+        rows = _condition_rows(coder, *at_p, values.reshape(values.shape[0], bsz * r, -1), masks, means, kind, k)
         n_cond = rows.shape[0]
         rows = rows.reshape(n_cond, bsz, r, -1)  # [C, B, R, d]
 
@@ -214,12 +222,12 @@ def make_patched_eval(model: GPTNeoX, layer: int, kind: str, k: int, mode: str =
 
     jitted = jax.jit(patched, static_argnames="length")
 
-    def patched_eval(lm_params, coder, windows, positions, real, values, masks):
+    def patched_eval(lm_params, coder, windows, positions, real, values, masks, means):
         check_positions(positions, windows.shape[1], windows.shape[0], real)
         if mode == "whole_layer":
             check_consecutive(positions, real)
         used = np.where(np.asarray(real, bool), np.asarray(positions), 0)
-        return jitted(lm_params, coder, windows, positions, real, values, masks,
+        return jitted(lm_params, coder, windows, positions, real, values, masks, means,
                       length=run_length(used, windows.shape[1], length_multiple))
 
     return patched_eval

@@ -21,6 +21,7 @@ single-device lax.top_k.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +110,48 @@ def _check_mesh(mesh, tokens: int, num_latents: int) -> None:
         raise UserError(f"token count {tokens} is not divisible by mesh data={mesh.shape['data']}")
 
 
+# Exact blocked top-k: the block maxima's top k picks k blocks of TOPK_BLOCK columns that hold
+# the row's top k (see _topk); used when a row has at least TOPK_MIN_BLOCKS_PER_K * k blocks.
+TOPK_BLOCK = 32
+TOPK_MIN_BLOCKS_PER_K = 8  # at n = 4096, k = 32 (128 blocks) it is no faster than lax.top_k
+
+
+def _order_key(v):
+    """float32 -> int32 with the total order XLA:CPU's TopK sorts by (-0.0 < 0.0, NaNs by bits); an
+    involution on int32, so _order_key(_order_key(v)) gives v's bits back."""
+    i = lax.bitcast_convert_type(v, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _topk(vals, k: int, block: int | None = None):
+    """lax.top_k of the last axis of [T, n] float32, exactly (values, indices, ties to the lower
+    index, -0.0 below 0.0), without XLA:CPU's single-threaded TopK over all n columns.
+
+    Rank elements by (value down, index up) and blocks of `block` columns by their maxima the
+    same way; let S be the k top-ranked blocks. An element outside S ranks below its own block's
+    maximum, which ranks below each of S's k maxima (an equal value sits in a lower block, so at
+    lower indices), so k elements outrank it: the row's top k lies in S. Hence: block maxima (one
+    pass, fused with whatever produced `vals`, over the int32 order key so they follow TopK's
+    total order), lax.top_k of the n / block maxima, then lax.top_k of S's k * block candidates,
+    laid out in ascending column order so ties resolve as lax.top_k's do."""
+    block = block or TOPK_BLOCK
+    T, n = vals.shape
+    if vals.dtype != jnp.float32 or n % block or n // block < TOPK_MIN_BLOCKS_PER_K * k:
+        return lax.top_k(vals, k)
+    nb = n // block
+    maxima = _order_key(_order_key(vals).reshape(T, nb, block).max(-1))
+    _, blocks = lax.top_k(lax.bitcast_convert_type(maxima, jnp.float32), k)
+    blocks = jnp.sort(blocks, axis=1)
+    cols = (blocks[:, :, None] * block + jnp.arange(block, dtype=blocks.dtype)).reshape(T, k * block)
+    cand = jnp.take_along_axis(vals, cols, axis=1)
+    v, j = lax.top_k(cand, k)
+    return v, jnp.take_along_axis(cols, j, axis=1)
+
+
 def _local_topk(vals, k: int, axis_name):
     """Top k of the last axis where that axis is split over `axis_name` (or not split)."""
     n_local = vals.shape[-1]
-    v, i = lax.top_k(vals, min(k, n_local))
+    v, i = _topk(vals, min(k, n_local))
     if axis_name is None:
         return v, i
     i = i + lax.axis_index(axis_name) * n_local
@@ -277,6 +316,205 @@ def loss_fn(params: dict, x, y, k: int, *, kind: str = "transcoder", dead_mask=N
         auxk = scale * jnp.sum((e_hat - lax.stop_gradient(e)) ** 2) / tv
     loss = l_fvu + auxk_alpha * auxk
     return loss, dict(fvu=l_fvu, auxk=auxk, top_acts=f["top_acts"], top_indices=f["top_indices"])
+
+
+# ---------------------------------------------------------------------------- training gradients
+# The training step's value and gradient, by hand: the same numbers as
+# jax.value_and_grad(loss_fn) (within float rounding), computed sparsely and in token chunks.
+# Each token's k chosen latents l = idx[t, j] get
+#   dW_dec[l] += a[t, j] * g[t],   dW_enc[l] += d_a[t, j] * x[t],   db_enc[l] += d_a[t, j]
+# with g = dL/d(out) and d_a[t, j] = g[t] . W_dec[l] (sparsify's FusedEncoder backward: no ReLU
+# mask, pre-activations carry no gradient). Tokens go through in chunks of TRAIN_CHUNK (a scan):
+# the [chunk, n] pre-activations stay in cache and are never materialised whole, the top k, the
+# decode, the error and these gradient rows are per chunk, and the gradients accumulate in place.
+# AuxK runs in the same pass, off the same chunk of pre-activations, and only when some latent
+# is dead (it is exactly 0 otherwise, as is its gradient).
+TRAIN_CHUNK = 512
+TRAIN_SPLIT = 2  # chunks per scan step, so XLA can overlap one's single-threaded ops (top k, sort) with the other's
+GATHER_GROUP = 32  # _gather_sum unrolls this many slots per loop step
+
+
+def _gather_sum(W, acts, rows, group: int | None = None):
+    """sum_j acts[:, j, None] * W[rows[:, j]], as fused gather loops (unrolled over j, in groups
+    of `group` under a fori_loop), where the einsum over W[rows] is a [T, k, d] gather plus a
+    batched dot."""
+    def part(lo, hi, out):
+        for j in range(lo, hi):
+            out = out + acts[:, j, None] * W[rows[:, j]]
+        return out
+
+    k, group = rows.shape[1], group or GATHER_GROUP
+    out = part(1, min(k, group), acts[:, 0, None] * W[rows[:, 0]])
+    if k <= group:
+        return out
+    full = k // group
+    out = lax.fori_loop(1, full, lambda i, o: _dyn_part(W, acts, rows, i * group, group, o), out)
+    return part(full * group, k, out)
+
+
+def _dyn_part(W, acts, rows, start, size, out):
+    a = lax.dynamic_slice_in_dim(acts, start, size, axis=1)
+    r = lax.dynamic_slice_in_dim(rows, start, size, axis=1)
+    for j in range(size):
+        out = out + a[:, j, None] * W[r[:, j]]
+    return out
+
+
+def _gather_dot(W, g, rows):
+    """[T, k]: g[t] . W[rows[t, j]], one fused reduction per j."""
+    return jnp.stack([jnp.sum(g * W[rows[:, j]], axis=-1) for j in range(rows.shape[1])], axis=1)
+
+
+def _add_rows(acc, rows, mine, weights, vectors):
+    """acc[rows[t, j]] += weights[t, j] * vectors[t] for the (token, slot)s this shard owns
+    (rows, mine, weights: [T, k]; vectors: [T, width]), sorted by row first (stable: a row's
+    terms add in token order), so the scatter walks acc in order."""
+    T, k = rows.shape
+    n = acc.shape[0]
+    key = jnp.where(mine, rows, n).reshape(-1)
+    if (n + 1) * T * k < 2**31:  # one int32 sort of row * T k + position: a stable argsort, 2x faster
+        packed = jnp.sort(key * (T * k) + jnp.arange(T * k, dtype=key.dtype))
+        key, order = packed // (T * k), packed % (T * k)
+    else:
+        order = jnp.argsort(key, stable=True)
+        key = key[order]
+    upd = weights.reshape(-1)[order, None].astype(acc.dtype) * vectors[order // k].astype(acc.dtype)
+    if acc.ndim == 1:
+        upd = upd[:, 0]
+    return acc.at[key].add(upd, mode="drop", indices_are_sorted=True)
+
+
+def _chunk_step(params, dead, tv, aux_scale, carry, xy, *, k, k_aux, kind, aux, auxk_alpha, model_axis):
+    """One chunk of tokens: top k, decode, error, and its gradient terms added to `carry`."""
+    x, y = xy
+    W_enc, b_enc, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    n_local = W_enc.shape[0]
+
+    def psum_model(v):
+        return _psum(v, model_axis)
+
+    xe = x - b_dec if kind == "sae" else x
+    pre = jax.nn.relu(xe @ W_enc.T + b_enc)
+    vals, idx = _local_topk(pre, k, model_axis)
+    li, mine = _rows_of(idx, n_local, model_axis)
+    acts = jnp.where(mine, vals, 0).astype(W_dec.dtype)
+    out = psum_model(_gather_sum(W_dec, acts, li)) + b_dec
+    if "W_skip" in params:
+        out = out + x @ params["W_skip"].T
+    e = y - out.astype(jnp.float32)
+    g = ((-2.0 / tv) * e).astype(W_dec.dtype)  # d l_fvu / d out
+    d_acts = jnp.where(mine, _gather_dot(W_dec, g, li), 0)
+
+    c = dict(carry)
+    c["sse"] = c["sse"] + jnp.sum(e**2)
+    c["b_dec"] = c["b_dec"] + jnp.sum(g, axis=0, dtype=jnp.float32)
+    if kind == "sae":  # the encoder reads x - b_dec
+        c["b_dec"] = c["b_dec"] - jnp.sum(psum_model(_gather_sum(W_enc, d_acts, li)), axis=0, dtype=jnp.float32)
+    if "W_skip" in params:
+        c["W_skip"] = c["W_skip"] + (g.T @ x).astype(jnp.float32)
+    c["W_enc"] = _add_rows(c["W_enc"], li, mine, d_acts, xe)
+    c["W_dec"] = _add_rows(c["W_dec"], li, mine, acts, g)
+    c["b_enc"] = _add_rows(c["b_enc"], li, mine, d_acts, jnp.ones((x.shape[0], 1), d_acts.dtype))
+    if aux:
+        masked = jnp.where(dead[None, :], pre, -jnp.inf)
+        a_vals, a_idx = _local_topk(masked, k_aux, model_axis)
+        ali, amine = _rows_of(a_idx, n_local, model_axis)
+        a_acts = jnp.where(amine & (a_vals > -jnp.inf), a_vals, 0).astype(W_dec.dtype)
+        r = psum_model(_gather_sum(W_dec, a_acts, ali)).astype(jnp.float32) - e  # e_hat - e (e: no grad)
+        c["aux_sse"] = c["aux_sse"] + jnp.sum(r**2)
+        c["W_dec"] = _add_rows(c["W_dec"], ali, amine, a_acts, (auxk_alpha * aux_scale * 2.0 / tv) * r)
+    return c, (vals, idx)
+
+
+def _psum(v, axis):
+    return v if axis is None else lax.psum(v, axis)
+
+
+def train_chunk(tokens: int) -> int:
+    """Tokens per chunk of loss_and_grads for a (per-shard) batch of `tokens`: TRAIN_CHUNK on CPU
+    (cache-sized pre-activations; an accelerator takes the batch whole)."""
+    if jax.default_backend() == "cpu" and tokens > TRAIN_CHUNK and tokens % TRAIN_CHUNK == 0:
+        return TRAIN_CHUNK
+    return tokens
+
+
+def _grads_body(params, x, y, dead, *, k, kind, aux, auxk_alpha, data_axis, model_axis):
+    """One shard's loss pieces and gradients (tokens over data_axis, latents over model_axis)."""
+    f32 = jnp.float32
+
+    def psum_data(v):
+        return _psum(v, data_axis)
+
+    d = x.shape[1]
+    x = x.astype(params["W_enc"].dtype)
+    y = y.astype(f32)
+    tokens = psum_data(jnp.asarray(y.shape[0], f32))
+    mean = psum_data(jnp.sum(y, axis=0)) / tokens
+    tv = psum_data(jnp.sum((y - mean) ** 2))
+    k_aux = d // 2  # sparsify: heuristic from Appendix B.1 of the TopK paper
+    n_dead = _psum(jnp.sum(dead), model_axis)
+    aux_scale = jnp.minimum(n_dead / k_aux, 1.0)
+    n = params["W_enc"].shape[0] * (1 if model_axis is None else lax.axis_size(model_axis))
+    carry = {name: jnp.zeros(v.shape, f32) for name, v in params.items()}
+    carry.update(sse=jnp.zeros((), f32), aux_sse=jnp.zeros((), f32))
+    for name, v in carry.items():  # the sums vary over tokens' shards, latent rows also over latents'
+        axes = tuple(a for a in (data_axis, model_axis if name in ("W_enc", "W_dec", "b_enc") else None) if a)
+        if axes:
+            carry[name] = lax.pcast(v, axes, to="varying")
+    step = partial(_chunk_step, params, dead, tv, aux_scale, k=k, k_aux=min(k_aux, n), kind=kind, aux=aux,
+                   auxk_alpha=auxk_alpha, model_axis=model_axis)
+    T = x.shape[0]
+    chunk = train_chunk(T)
+    if chunk == T:
+        carry, (vals, idx) = step(carry, (x, y))
+    else:
+        split = TRAIN_SPLIT if (T // chunk) % TRAIN_SPLIT == 0 else 1
+
+        def steps(carry, xy):  # `split` chunks per scan step: independent until they add their rows
+            outs = []
+            for i in range(split):
+                carry, out = step(carry, (xy[0][i], xy[1][i]))
+                outs.append(out)
+            return carry, tuple(jnp.stack(o) for o in zip(*outs))
+
+        carry, (vals, idx) = lax.scan(steps, carry, (x.reshape(-1, split, chunk, d), y.reshape(-1, split, chunk, d)))
+        vals, idx = vals.reshape(T, k), idx.reshape(T, k)
+    grads = {name: psum_data(carry[name]) for name in params}
+    l_fvu = psum_data(carry["sse"]) / tv
+    auxk = aux_scale * psum_data(carry["aux_sse"]) / tv if aux else jnp.zeros((), f32)
+    return grads, dict(fvu=l_fvu, auxk=auxk, top_acts=vals, top_indices=idx)
+
+
+def loss_and_grads(params: dict, x, y, k: int, *, kind: str = "transcoder", dead_mask=None,
+                   auxk_alpha: float = 0.0, mesh=None):
+    """-> (loss, dict(fvu, auxk, top_acts, top_indices), grads): loss_fn's value and its gradient
+    with respect to params (the same numbers as jax.value_and_grad(loss_fn, has_aux=True) up to
+    float rounding; gradients in float32), computed by hand, sparsely, in token chunks."""
+    _check_kind(kind)
+    n = params["W_enc"].shape[0]
+    if not 1 <= k <= n:
+        raise UserError(f"k={k} must be between 1 and num_latents={n}")
+    _check_mesh(mesh, x.shape[0], n)
+    use_aux = dead_mask is not None and auxk_alpha != 0
+    if dead_mask is None:
+        dead_mask = jnp.zeros((n,), bool)
+
+    def run(aux):
+        body = partial(_grads_body, k=k, kind=kind, aux=aux, auxk_alpha=auxk_alpha)
+        if mesh is None or mesh.devices.size == 1:  # no shard_map: its psums would copy every gradient
+            return body(params, x, y, dead_mask, data_axis=None, model_axis=None)
+        specs = param_specs(params)
+        out_specs = (specs, dict(fvu=P(), auxk=P(), top_acts=P("data", None), top_indices=P("data", None)))
+        return jax.shard_map(partial(body, data_axis="data", model_axis="model"), mesh=mesh,
+                             in_specs=(specs, P("data", None), P("data", None), P("model")),
+                             out_specs=out_specs)(params, x, y, dead_mask)
+
+    if use_aux:  # AuxK's top k only when something is dead; without, AuxK and its gradient are 0
+        grads, res = lax.cond(jnp.any(dead_mask), lambda: run(True), lambda: run(False))
+    else:
+        grads, res = run(False)
+    loss = res["fvu"] + auxk_alpha * res["auxk"]
+    return loss, res, grads
 
 
 # ---------------------------------------------------------------------------- SAE decoder norm

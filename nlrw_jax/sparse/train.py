@@ -79,13 +79,13 @@ class Trainer:
         s = self.s
         dead = state["since_fired"] > s.dead_tokens  # sparsify's rule
 
-        def loss(params):
-            cast = jax.tree.map(lambda p: p.astype(self.compute_dtype), params)
-            return coder.loss_fn(cast, x.astype(self.compute_dtype), y.astype(self.compute_dtype), s.k, kind=s.kind,
-                                 dead_mask=dead if s.auxk_alpha else None,  # AuxK's top-k is costly: skip at 0
-                                 auxk_alpha=s.auxk_alpha, mesh=self.mesh)
-
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+        # coder.loss_fn's value and gradient, computed by hand and sparsely (coder.loss_and_grads).
+        cast = jax.tree.map(lambda p: p.astype(self.compute_dtype), state["params"])
+        value, metrics, grads = coder.loss_and_grads(
+            cast, x.astype(self.compute_dtype), y.astype(self.compute_dtype), s.k, kind=s.kind,
+            dead_mask=dead if s.auxk_alpha else None,  # AuxK's top-k is costly: skip at 0
+            auxk_alpha=s.auxk_alpha, mesh=self.mesh)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
         if s.kind == "sae":
             grads = coder.remove_parallel_grad(grads, state["params"])
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])

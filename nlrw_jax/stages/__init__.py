@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from nlrw_jax.config import LLM_STAGES
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -35,4 +37,5 @@ STAGES = [
     Stage("pretrain", True, "train a GPT-NeoX language model from scratch (the tiny offline Pythia)", in_run=False),
 ]
 BY_NAME = {s.name: s for s in STAGES}
-LLM_STAGES = {"explain", "score", "simulate"}  # one LLM backend serves them all in `nlrw run`
+
+__all__ = ["BY_NAME", "LLM_STAGES", "STAGES", "Stage"]  # LLM_STAGES: the stages that run an LLM

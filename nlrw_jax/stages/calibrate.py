@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nlrw_jax.config import Config, identity
+from nlrw_jax.config import Config, calibration_contexts, identity
 from nlrw_jax.io import save_npz
 from nlrw_jax.rewrite import quantile as Q
 from nlrw_jax.rewrite.calibrate import raw_values, true_nonzero
@@ -17,8 +17,9 @@ from nlrw_jax.stages.simulate import load_predictions
 
 
 def calibration_sizes(cfg: Config) -> list[int]:
-    """The calibration-size sweep: `calibrate.sizes` and all contexts (checked at load)."""
-    return sorted(set(cfg.calibrate.sizes) | {cfg.simulate.calibration})
+    """The calibration-size sweep in contexts: `calibrate.sizes` and all of them (checked at load).
+    In all_at_once mode the first n contexts are whole windows' read positions (window-major)."""
+    return sorted(set(cfg.calibrate.sizes) | {calibration_contexts(cfg.simulate)})
 
 
 def calibrate_identity(cfg: Config) -> dict:

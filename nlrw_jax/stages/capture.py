@@ -1,6 +1,7 @@
 """`nlrw capture`: `capture.windows` windows of the seeded training order through the subject model
 to `model.layer`, its activations (the transcoder's mlp_in/mlp_out, or the SAE's resid_post) into
-the activation store. Every host of a multi-host run writes its own share (its own part of the folder)."""
+the activation store (with sparse.from, only the coder's input: nothing is trained). Every host of a
+multi-host run writes its own share (its own part of the folder)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ def run(cfg: Config, progress: bool = True) -> str:
     from nlrw_jax.data.capture import capture
     from nlrw_jax.sparse.coder import points_for
 
+    points = sorted(set(points_for(cfg.sparse.kind)))
+    if cfg.sparse.from_ is not None:
+        from nlrw_jax.stages.common import imported_coder
+
+        imported_coder(cfg)  # a coder that does not fit the model is refused before the capture
+        points = [points_for(cfg.sparse.kind)[0]]  # no training: the coder's input is all later stages read
     caches = token_caches(cfg)
     # One global batch of `capture.windows` windows: the same selection on every host.
     windows = token_data.window_dataset(caches[0], cfg.data.ctx_len, seed=cfg.data.seed,
@@ -24,13 +31,13 @@ def run(cfg: Config, progress: bool = True) -> str:
               "windows": cfg.capture.windows}
     run = run_folder(cfg)
     ident = {**model_identity(cfg), **data_identity(cfg, caches), "capture": identity(cfg.capture),
-             "points": list(points_for(cfg.sparse.kind))}
+             "points": list(points_for(cfg.sparse.kind)) if cfg.sparse.from_ is None else points}
     with run.claim("capture", ident, part=f"host{jax.process_index():03d}"):
         if _complete(run.activations):
             distributed.barrier("capture")
             return str(run.activations)
         path = capture(str(model_folder(cfg)), windows, run.activations, layer=cfg.model.layer,
-                       points=sorted(set(points_for(cfg.sparse.kind))), dtype=cfg.capture.dtype,
+                       points=points, dtype=cfg.capture.dtype,
                        batch_size=cfg.capture.batch_size, chunk_windows=cfg.capture.chunk_windows, source=source,
                        model_dtype=cfg.model.dtype, process_index=jax.process_index(),
                        process_count=jax.process_count(), progress=progress)

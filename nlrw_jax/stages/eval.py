@@ -1,9 +1,9 @@
-"""`nlrw eval`: held-out next-token CE of the subject model (and of its partially trained
-checkpoints listed in checkpoints.json next to it) against the unigram baseline: eval/eval.json."""
+"""`nlrw eval`: held-out next-token CE of the subject model and of the partially trained
+checkpoints on its training curve (`model.curve`, or checkpoints.json next to a local folder),
+against the unigram baseline: eval/eval.json."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,8 @@ import numpy as np
 from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.io import read_json_object, write_json
-from nlrw_jax.stages.common import data_identity, model_folder, model_identity, run_folder, token_caches
+from nlrw_jax.stages.common import data_identity, model_folder, model_identity, run_folder, token_caches, \
+    training_curve
 
 
 def run(cfg: Config, progress: bool = True) -> dict:
@@ -44,11 +45,9 @@ def run(cfg: Config, progress: bool = True) -> dict:
                   "ctx_len": cfg.data.ctx_len, "val_ce": ce_of(folder),
                   "unigram_val_ce": unigram_cross_entropy(np.load(train_cache, mmap_mode="r"), windows,
                                                           config.vocab_size)}
-        index = folder.parent / "checkpoints.json"
-        if index.exists():  # the partially trained checkpoints the rewritten model is compared against
-            entries = json.loads(index.read_text())["checkpoints"]
-            result["checkpoints"] = {name: {**entry, "val_ce": ce_of(folder.parent / name)}
-                                     for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["step"])
-                                     if name != folder.name and (folder.parent / name).is_dir()}
+        curve = training_curve(cfg)  # the partially trained checkpoints the rewritten model is compared against
+        if curve:
+            result["checkpoints"] = {c["name"]: {"fraction": c["fraction"], "tokens": c["tokens"],
+                                                 "val_ce": ce_of(c["folder"])} for c in curve}
         write_json(run.eval_json, result)
     return result

@@ -1,6 +1,8 @@
 """`nlrw evaluate`: the rewritten layer's loss for every condition, and the predictions' quality.
 
-Conditions (METHOD.md, "Evaluation"): clean, transcoder, zero ablation, then the simulated values
+Conditions (METHOD.md, "Evaluation"): clean, transcoder, the baselines (zero ablation, mean
+ablation, the coder with every latent at zero, every latent at its mean; the means over the first
+`evaluate.baseline_tokens` tokens of the activation store), then the simulated values
 (raw, and quantile-normalised by each calibrate map) for the top-scoring and a random fraction of
 the simulated latents, at every `evaluate.fractions`. Fractions are of the simulated latents (all
 explained ones; in the paper every latent was explained, so it is the same), the others keeping
@@ -35,14 +37,14 @@ from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.io import save_npz, write_json, write_text
 from nlrw_jax.rewrite.calibrate import normalised_values, raw_values
-from nlrw_jax.rewrite.metrics import active_rates, bootstrap, checkpoint_curve, ci, equivalent_fraction, \
-    finite_or_none, selection_masks
+from nlrw_jax.rewrite.metrics import active_rates, baseline_means, bootstrap, checkpoint_curve, ci, \
+    equivalent_fraction, finite_or_none, selection_masks
 from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, check_positions, check_shapes, make_patched_eval
 from nlrw_jax.rewrite.quantile import METHODS
 from nlrw_jax.rewrite.simulate import true_values
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.calibrate import calibrate_identity, calibration_sizes
-from nlrw_jax.stages.common import load_examples, model_folder, model_identity, run_folder
+from nlrw_jax.stages.common import load_examples, model_folder, model_identity, run_folder, training_curve
 from nlrw_jax.stages.simulate import load_predictions
 
 
@@ -98,6 +100,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
         num_latents = ex.num_latents
         masks, mask_meta = selection_masks(ranking, latents, num_latents, e.fractions, e.seed)
         check_shapes(np.zeros((len(variants), 1, num_latents)), masks, num_latents)
+        means = baseline_means(ex.params, ex.meta, ex.rows, e.baseline_tokens, progress)
 
         dtype = jnp.dtype(cfg.model.dtype)
         config, lm_params = hf.load(folder, dtype=dtype)
@@ -106,7 +109,8 @@ def run(cfg: Config, progress: bool = True) -> Path:
         mesh = make_mesh(cfg.mesh.data, 1) if jax.process_count() == 1 else make_mesh(-1, 1, jax.local_devices())
         rep, data = replicated(mesh), batch_sharding(mesh)
         along_data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-        lm_params, coder, masks_d = jax.device_put((lm_params, ex.params, masks), rep)
+        lm_params, coder, masks_d, means_d = jax.device_put(
+            (lm_params, ex.params, masks, {k: means[k] for k in ("out", "latents")}), rep)
         bs = e.batch_size
         if bs % mesh.shape["data"]:
             raise UserError(f"config key evaluate.batch_size: {bs} must be a multiple of the {mesh.shape['data']} "
@@ -118,7 +122,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
         results = {}
         for mode in e.modes:
             fn = make_patched_eval(model, cfg.model.layer, ex.meta["kind"], ex.meta["k"], mode)
-            ce = np.full((3 + len(variants) * len(masks), n_eval), np.nan, np.float32)
+            ce = np.full((len(FIXED_CONDITIONS) + len(variants) * len(masks), n_eval), np.nan, np.float32)
             kl = np.full_like(ce, np.nan)
             for lo in tqdm(range(0, len(used), bs), desc=f"evaluate ({mode}, patched forward)", unit="batch",
                            disable=not progress):
@@ -132,15 +136,15 @@ def run(cfg: Config, progress: bool = True) -> Path:
                 v = np.zeros((len(variants), bs, sl.shape[1], num_latents), np.float32)
                 v[..., latents] = stacked[:, np.maximum(sl, 0)]
                 got_ce, got_kl = fn(lm_params, coder, jax.device_put(w, data), jax.device_put(p, data),
-                                    jax.device_put(real, data), jax.device_put(v, along_data), masks_d)
+                                    jax.device_put(real, data), jax.device_put(v, along_data), masks_d, means_d)
                 ce[:, sl[real]] = np.asarray(got_ce)[:, real]
                 kl[:, sl[real]] = np.asarray(got_kl)[:, real]
             results[mode] = (ce, kl)
 
         names = [{"name": n} for n in FIXED_CONDITIONS] + [{"name": v, **m} for v in variants for m in mask_meta]
         ce, kl = results[e.modes[0]]
-        curve = checkpoint_curve(folder, cfg.model.dtype, all_windows, window, positions, float(ce[0].mean()),
-                                 e.batch_size)
+        curve = checkpoint_curve(training_curve(cfg), cfg.model.revision or folder.name, cfg.model.dtype, all_windows,
+                                 window, positions, float(ce[0].mean()), e.batch_size)
         conditions = {mode: summarise(names, *results[mode], window, curve, e) for mode in e.modes}
         main_conditions = conditions[e.modes[0]]
         true = true_values(contexts, latents)[:n_eval]
@@ -170,7 +174,8 @@ def run(cfg: Config, progress: bool = True) -> Path:
             "latents_total": num_latents, "latents_simulated": len(latents),
             "latents_explained": int(explained.sum()), "unexplained_simulated_as_zero": int((~explained).sum()),
             "readout": cfg.simulate.readout, "estimator": cfg.calibrate.estimator, "fractions": e.fractions,
-            "layer": cfg.model.layer, "kind": ex.meta["kind"], "checkpoints": curve, "conditions": main_conditions,
+            "layer": cfg.model.layer, "kind": ex.meta["kind"], "baseline_tokens": means["tokens"],
+            "checkpoints": curve, "conditions": main_conditions,
             "other_modes": {mode: conditions[mode] for mode in e.modes[1:]},
             "calibration_sweep": sweep, "latents": per_latent})
     return out

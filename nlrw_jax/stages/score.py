@@ -34,13 +34,13 @@ def run(cfg: Config, progress: bool = True, backend=None) -> dict:
     run = run_folder(cfg)
     ident = {**model_identity(cfg), "coder": ex.coder_hash, "examples": run.identity_hash("examples"),
              "explanations": file_digest(run.explanations), "score": identity(s),
-             "explain": {"examples_per_decile": e.examples_per_decile, "seed": e.seed}, **llm_identity(cfg)}
+             "explain": {"examples_per_decile": e.examples_per_decile, "seed": e.seed}, **llm_identity(cfg, "score")}
     with run.claim("score", ident):
         path = run.scores
         batches, done, todo = latent_batches(path, latents, s.latents_per_batch)
         if todo:
             tok = subject_tokenizer(cfg)
-            backend = backend or LazyBackend(cfg, progress)
+            backend = backend or LazyBackend(cfg, progress, "score")
             backend.candidate_ids(P.BINARY)
             per_latent = 10 * s.activating_per_decile + s.non_activating
             total = sum(2 * per_latent for b in todo for _ in batches[b])

@@ -1,11 +1,13 @@
-"""`nlrw simulate`: the LLM predicts each explained latent's activation at one position of each
-evaluation and calibration context, from its explanation (nlrw_jax.rewrite.simulate).
+"""`nlrw simulate`: the LLM predicts each explained latent's activation at the evaluation and
+calibration contexts from its explanation (nlrw_jax.rewrite.simulate).
 
 The work is a grid of shards, each written atomically to simulate/shards/NNNNN.npz.
 `nlrw simulate --shard i --num-shards n` does the shards k with k % n == i (one GPU node of a
 pool each, in parallel on one folder by design); a rerun skips finished shards, a killed worker
-loses only the shard in flight, and a shard is one file, so nothing is counted twice. Contexts
-0..sentences-1 are for evaluation, the next `calibration` ones only for fitting the quantile maps.
+loses only the shard in flight, and a shard is one file, so nothing is counted twice. Both modes
+(simulate.mode) share this. `simulate.sentences` evaluation windows come first, then
+`simulate.calibration` calibration windows (only for fitting the quantile maps); each window gives
+one context (one_at_a_time) or read_positions contexts (all_at_once).
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.io import save_npz
-from nlrw_jax.rewrite.simulate import check_finite_or_inf, shard_grid, shard_prompts
+from nlrw_jax.rewrite.simulate import check_finite_or_inf, shard_grid, shard_prompts, window_prompts
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.common import LazyBackend, data_identity, llm_identity, load_coder, load_explanations, \
     model_folder, model_identity, run_folder, subject_tokenizer, token_caches
 
 
 def make_contexts(cfg: Config) -> dict:
-    """Validation windows, one position each, and the transcoder's true latents there.
+    """Validation windows, the contexts' positions in them, and the transcoder's true latents there.
 
-    {windows [N, ctx] int32, positions [N], n_eval, top_acts [N, k], top_idx [N, k]}; the first
-    n_eval contexts are the evaluation sentences, the rest the calibration contexts."""
+    {windows [W, ctx] int32, window [N] int32 (each context's row of windows), positions [N] int32,
+    n_eval, top_acts [N, k], top_idx [N, k]}. Contexts are window-major; the first n_eval are the
+    evaluation contexts (in the first `sentences` windows), the rest calibration contexts (later
+    windows). one_at_a_time: W == N, one random position per window (the paper's protocol).
+    all_at_once: read_positions contiguous positions per window, the first after window_tokens-1
+    tokens, the last before a next token, at a random offset."""
     from nlrw_jax.data import tokens as token_data
     from nlrw_jax.data.capture import forward_fn
     from nlrw_jax.interpret.examples import encoder
@@ -39,33 +45,54 @@ def make_contexts(cfg: Config) -> dict:
 
     s, width, ctx = cfg.simulate, cfg.examples.window_tokens, cfg.data.ctx_len
     _, val_cache = token_caches(cfg)
-    n = s.sentences + s.calibration
-    windows = token_data.validation_windows(val_cache, ctx, n)  # a clear error if the split is too small
-    positions = np.random.default_rng([s.seed, 1]).integers(width - 1, ctx - 1, size=n).astype(np.int32)
+    n_win = s.sentences + s.calibration
+    windows = token_data.validation_windows(val_cache, ctx, n_win)  # a clear error if the split is too small
+    rng = np.random.default_rng([s.seed, 1])
+    if s.mode == "one_at_a_time":
+        per = 1
+        positions = rng.integers(width - 1, ctx - 1, size=n_win).astype(np.int32)
+    else:  # displayed: width-1 tokens of context, then the read positions; a next token follows the last
+        per = s.read_positions
+        starts = rng.integers(0, ctx - (width - 1 + per), size=n_win)
+        positions = (starts[:, None] + width - 1 + np.arange(per)).reshape(-1).astype(np.int32)
+    window = np.repeat(np.arange(n_win, dtype=np.int32), per)
     config, lm_params = hf.load(model_folder(cfg), dtype=jnp.dtype(cfg.model.dtype))
     point = points_for(cfg.sparse.kind)[0]
     fwd = forward_fn(config, cfg.model.layer, (point,), cfg.model.dtype, jnp.float32)
     coder, meta, _ = load_coder(cfg)
     acts, idx = [], []
-    for lo in range(0, n, cfg.eval.batch_size):
-        x = np.asarray(fwd(lm_params, jnp.asarray(windows[lo:lo + cfg.eval.batch_size]))[point])
-        x = x.reshape(-1, ctx, x.shape[-1])[np.arange(len(x) // ctx), positions[lo:lo + cfg.eval.batch_size]]
+    for lo in range(0, n_win, cfg.eval.batch_size):
+        hi = min(lo + cfg.eval.batch_size, n_win)
+        x = np.asarray(fwd(lm_params, jnp.asarray(windows[lo:hi]))[point])
+        x = x.reshape(hi - lo, ctx, x.shape[-1])[window[lo * per:hi * per] - lo, positions[lo * per:hi * per]]
         a, i = encoder(meta["k"], meta["kind"])(coder, jnp.asarray(x))
         acts.append(np.asarray(a, np.float32))
         idx.append(np.asarray(i, np.int32))
-    return dict(windows=windows, positions=positions, n_eval=np.int32(s.sentences),
+    return dict(windows=windows, window=window, positions=positions, n_eval=np.int32(s.sentences * per),
                 top_acts=np.concatenate(acts), top_idx=np.concatenate(idx))
+
+
+def per_window(cfg: Config) -> int:
+    """Contexts per window: read_positions in all_at_once, else 1."""
+    return cfg.simulate.read_positions if cfg.simulate.mode == "all_at_once" else 1
+
+
+def grid_for(cfg: Config, n_contexts: int, n_latents: int) -> list[tuple[int, int, int, int]]:
+    s = cfg.simulate
+    return shard_grid(n_contexts, n_latents, s.contexts_per_shard, s.latents_per_shard, per_window(cfg))
 
 
 def simulate_identity(cfg: Config) -> dict:
     """What the predictions depend on (the readout is applied later, so it is not part of it)."""
     sim = {k: v for k, v in identity(cfg.simulate).items() if k != "readout"}
+    if cfg.simulate.mode == "one_at_a_time":  # as before the modes existed: those run folders still resume
+        del sim["mode"], sim["read_positions"]
     run = run_folder(cfg)
     if not run.explanations.exists():
         raise UserError(f"{run.explanations}: no explanations; run `nlrw explain` first")
     return {**model_identity(cfg), **data_identity(cfg, token_caches(cfg)), "coder": load_coder(cfg)[2],
             "window_tokens": cfg.examples.window_tokens, "explanations": file_digest(run.explanations),
-            "simulate": sim, **llm_identity(cfg)}
+            "simulate": sim, **llm_identity(cfg, "simulate")}
 
 
 def run(cfg: Config, shard: int | None = None, num_shards: int = 1, progress: bool = True,
@@ -81,13 +108,13 @@ def run(cfg: Config, shard: int | None = None, num_shards: int = 1, progress: bo
         if not run.contexts.exists():
             save_npz(run.contexts, make_contexts(cfg))  # the same on every worker: whoever is first writes it
         contexts = run.read_contexts()
-        grid = shard_grid(len(contexts["positions"]), len(latents), s.contexts_per_shard, s.latents_per_shard)
+        grid = grid_for(cfg, len(contexts["positions"]), len(latents))
         (out / "shards").mkdir(exist_ok=True)
         mine = [k for k in range(len(grid)) if shard is None or k % num_shards == shard]
         todo = [k for k in mine if not run.shard(k).exists()]
         if todo:
             tok = subject_tokenizer(cfg)
-            backend = backend or LazyBackend(cfg, progress)
+            backend = backend or LazyBackend(cfg, progress, "simulate")
             backend.candidate_ids(P.DIGITS)
             n_prompts = sum((c1 - c0) * sum(explanations[int(x)] is not None for x in latents[l0:l1])
                             for c0, c1, l0, l1 in (grid[k] for k in todo))
@@ -96,13 +123,21 @@ def run(cfg: Config, shard: int | None = None, num_shards: int = 1, progress: bo
             for k in todo:
                 c0, c1, l0, l1 = grid[k]
                 lat = latents[l0:l1]
-                prompts, pairs = shard_prompts(backend, tok, explanations, lat, contexts, cfg.examples.window_tokens,
-                                               c0, c1, s.order)
                 logprobs = np.full((c1 - c0, l1 - l0, len(P.DIGITS)), -np.inf, np.float32)
-                if prompts:
-                    got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
-                    for (c, j), row in zip(pairs, got):
-                        logprobs[c - c0, j] = row
+                if s.mode == "all_at_once":
+                    prompts, slots, pairs = window_prompts(backend, tok, explanations, lat, contexts,
+                                                           cfg.examples.window_tokens, c0, c1)
+                    if prompts:
+                        got = backend.slot_logprobs(prompts, slots, P.DIGITS, bar=bar)
+                        for (cs, j), rows in zip(pairs, got):
+                            logprobs[cs - c0, j] = rows
+                else:
+                    prompts, pairs = shard_prompts(backend, tok, explanations, lat, contexts,
+                                                   cfg.examples.window_tokens, c0, c1, s.order)
+                    if prompts:
+                        got = backend.next_token_logprobs(prompts, P.DIGITS, bar=bar)
+                        for (c, j), row in zip(pairs, got):
+                            logprobs[c - c0, j] = row
                 check_finite_or_inf(logprobs, lat, f"shard {k}")
                 save_npz(run.shard(k), dict(logprobs=logprobs, contexts=np.array([c0, c1]), latents=lat))
             bar.close()
@@ -120,7 +155,7 @@ def load_predictions(cfg: Config) -> dict:
     latents = np.asarray(sorted(explanations), np.int32)
     contexts = run.read_contexts()
     n = len(contexts["positions"])
-    grid = shard_grid(n, len(latents), cfg.simulate.contexts_per_shard, cfg.simulate.latents_per_shard)
+    grid = grid_for(cfg, n, len(latents))
     explained = np.array([explanations[int(x)] is not None for x in latents])
     return dict(latents=latents, explained=explained, logprobs=run.read_predictions(grid, latents, n),
                 contexts=contexts)

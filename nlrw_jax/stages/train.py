@@ -79,6 +79,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
     from nlrw_jax.models import hf
 
     s = cfg.sparse
+    if s.from_ is not None:
+        return _import(cfg)
     folder = model_folder(cfg)
     lm_config, lm_params = hf.load(folder)
     if not 0 <= cfg.model.layer < lm_config.num_hidden_layers:
@@ -101,6 +103,41 @@ def run(cfg: Config, progress: bool = True) -> dict:
         if distributed.is_primary():
             stack.enter_context(run.claim("train", ident))
         return _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_windows, store, progress)
+
+
+def _import(cfg: Config) -> dict:
+    """sparse.from: the published coder, checked against the model, written where a trained one goes
+    (run.coder, in sparsify's format) with a summary, so every later stage reads it unchanged."""
+    from nlrw_jax.run_folder import file_digest
+    from nlrw_jax.stages.common import imported_coder
+
+    params, meta, folder = imported_coder(cfg)  # every host checks (one line, exit 2) before any work
+    if not distributed.is_primary():
+        return {}
+    run = run_folder(cfg)
+    weights = next(f for f in (folder / "sae.safetensors", folder / "sae_weights.safetensors") if f.exists())
+    # By content: another coder at the same path (or this one elsewhere) is another (the same) import.
+    ident = {**model_identity(cfg), "imported": {"weights": file_digest(weights),
+                                                 "cfg": file_digest(folder / "cfg.json")}}
+    with run.claim("train", ident):
+        if run.train_summary.exists():
+            return read_json_object(run.train_summary, f"delete {run.dir('train')} and rerun `nlrw train`")
+        save_sparsify(params, run.coder, k=meta["k"], kind=meta["kind"], d_in=meta["d_in"],
+                      num_latents=meta["num_latents"])
+        summary = {"imported_from": cfg.sparse.from_, "format": "sparsify" if weights.name == "sae.safetensors"
+                   else "saelens", "kind": meta["kind"], "num_latents": meta["num_latents"], "k": meta["k"]}
+        write_json(run.train_summary, summary)  # last: its presence says the coder is complete
+    return summary
+
+
+def _tensorboard(run):
+    """A TensorBoard writer beside metrics.jsonl (run_dir/sparse/tensorboard), so a long run can be
+    watched live (`tensorboard --logdir run_dir`); process 0 only. None without tensorboardX."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # a dependency, but the JSON lines stay the record: training never needs it
+        return None
+    return SummaryWriter(str(run.dir("train") / "tensorboard"), flush_secs=30)
 
 
 def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_windows, store, progress) -> dict:
@@ -127,8 +164,10 @@ def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_wind
     if start:
         state = restore_checkpoint(manager, start, ocp.args.StandardRestore(abstract_like(state)))
     metrics_path = run.metrics
+    tb = None
     if distributed.is_primary():
         truncate_jsonl(metrics_path, start)
+        tb = _tensorboard(run)
     ce_sums = make_spliced_ce(model, cfg.model.layer, s.kind, s.k)
     lm_params = jax.device_put(lm_params, replicated(mesh))  # the spliced eval runs on the whole mesh
 
@@ -151,9 +190,15 @@ def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_wind
             if jax.process_index() == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if tb is not None:  # every number of the record, under train/ (FVU, L0, dead, CE/KL, tokens/s)
+                    for key, value in record.items():
+                        if key != "step":
+                            tb.add_scalar(f"train/{key}", value, step)
         manager.save(step, force=step == s.steps, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     bar.close()
+    if tb is not None:
+        tb.close()
 
     final = spliced_eval(ce_sums, lm_params, state["params"], val_windows, cfg.eval.batch_size, mesh)
     params = distributed.gather(state["params"])  # collective: every process takes part
