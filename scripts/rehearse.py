@@ -54,7 +54,8 @@ def reduced(run_dir: Path, model: Path, tiny: bool) -> list[str]:
             "simulate.latents_per_shard=2", "calibrate.sizes=[4]", "calibrate.true_tokens=4096",
             "evaluate.batch_size=2", "evaluate.baseline_tokens=4096", "evaluate.bootstrap=100",
             "evaluate.modes=[each,whole_layer]",
-            "llm.backend=local", "llm.model=smollm2", "llm.dtype=float32", "llm.batch_size=8"]
+            "llm.backend=local", "llm.model=smollm2", "llm.dtype=float32", "llm.batch_size=8",
+            "explain.llm.model=smollm2", "score.llm.model=smollm2"]  # the 70B explainer's stand-in
 
 
 def build_model(folder: Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from llm_servers import require_vllm_venv
+from procs import ONE_DEVICE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_rehearsal_at_the_papers_shapes(tmp_path):
     require_vllm_venv()
     out = tmp_path / "rehearsal"
     r = subprocess.run([sys.executable, "scripts/rehearse.py", "--out", str(out), "--tiny"], cwd=REPO,
-                       capture_output=True, text=True, timeout=2400)
+                       capture_output=True, text=True, timeout=2400, env=ONE_DEVICE)  # one CPU device, as a user has
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec = json.loads((out / "rehearsal.json").read_text())
     assert list(rec["stages"]) == ["eval", "capture", "train", "examples", "explain", "score", "simulate",

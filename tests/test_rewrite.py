@@ -179,7 +179,7 @@ def test_evaluate_results(evaluated):
         assert c["ce_ci"][0] <= c["ce"] <= c["ce_ci"][1] and c["delta_ci"][0] <= c["delta_vs_clean"] + 1e-9
         assert c["kl_ci"][0] - 1e-9 <= c["kl"] <= c["kl_ci"][1] + 1e-9 and c["kl"] >= -1e-6
     assert by[("clean", None, None)]["kl"] == 0 and by[("zero_ablation", None, None)]["kl"] > 0
-    assert res["mode"] == "each" and res["other_modes"] == {} and res["positions_per_window"] == 1
+    assert res["mode"] == "each" and list(res["other_modes"]) == ["whole_layer"]  # tiny.yaml's evaluate.modes
     # all latents replaced: top and random select the same set
     assert by[("raw", "top", 1.0)]["ce"] == pytest.approx(by[("raw", "random", 1.0)]["ce"])
     assert by[("raw", "top", 0.25)]["n_selected"] == 1

@@ -50,8 +50,9 @@ class LocalBackend(Backend):
         cand = torch.tensor(self.candidate_ids(candidates))
         out = []
         bar, own = self._bar(bar, sum(len(s) for s in slots), "simulate")
-        with torch.inference_mode():
-            for lo, hi in _prefix_batches(prompts, self.cfg.batch_size):
+        with torch.inference_mode():  # plain batches: every row has a long own tail (its window's lines),
+            for lo in range(0, len(prompts), self.cfg.batch_size):  # so _prefix_batches would cut after each
+                hi = min(lo + self.cfg.batch_size, len(prompts))
                 for logp in self._slot_logprobs(prompts[lo:hi], slots[lo:hi]):
                     top = logp.topk(self.cfg.top_logprobs, dim=-1).indices
                     keep = (top[:, :, None] == cand[None, None, :]).any(1)
