@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 NLRW = REPO / ".venv" / "bin" / "nlrw"
 TINY = REPO / "assets" / "tiny-pythia" / "final"
 CFG = "configs/tiny.yaml"
-SIM = ["simulate.sentences=6", "simulate.calibration=8", "simulate.contexts_per_shard=4",
+SIM = ["simulate.mode=one_at_a_time", "simulate.sentences=6", "simulate.calibration=8", "simulate.contexts_per_shard=4",
        "simulate.latents_per_shard=3", "calibrate.sizes=[4]", "evaluate.fractions=[0.25,1.0]",
        "evaluate.batch_size=4", "evaluate.bootstrap=50"]
 

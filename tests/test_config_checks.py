@@ -16,7 +16,7 @@ from nlrw_jax.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 
 ENUMS = ["model.dtype", "capture.dtype", "sparse.kind", "sparse.source", "sparse.compute_dtype", "llm.backend",
-         "llm.dtype", "simulate.order", "simulate.readout", "calibrate.estimator", "pretrain.export_dtype",
+         "llm.dtype", "simulate.mode", "simulate.order", "simulate.readout", "calibrate.estimator", "pretrain.export_dtype",
          "pretrain.arch.hidden_act", "distributed.cpu_collectives"]
 
 
@@ -43,9 +43,11 @@ RULES = [
     (["llm.memory_fraction=1.5"], "llm.memory_fraction"),
     (["simulate.sentences=0"], "simulate.sentences: 0 must be > 0"),
     (["simulate.contexts_per_shard=0"], "simulate.contexts_per_shard"),
-    (["simulate.calibration=1"], "simulate.calibration: 1 contexts cannot fit a quantile map"),
+    (["simulate.mode=one_at_a_time", "simulate.calibration=1"], "simulate.calibration: 1 contexts cannot fit a quantile map"),
+    (["simulate.read_positions=250"], "simulate.read_positions"),
     (["data.ctx_len=32", "examples.window_tokens=32"], "data.ctx_len: 32 leaves no position"),
     (["calibrate.sizes=[16, 65]"], "calibrate.sizes: [65] must be in 2..simulate.calibration (64)"),
+    (["simulate.mode=one_at_a_time", "calibrate.sizes=[16, 65]"], "calibrate.sizes: [16, 65] must be in 2..simulate.calibration (2)"),
     (["calibrate.true_tokens=-1"], "calibrate.true_tokens"),
     (["evaluate.fractions=[0.5, 1.5]"], "evaluate.fractions: [0.5, 1.5] must be non-empty and in (0, 1]"),
     (["evaluate.fractions=[]"], "evaluate.fractions"),

@@ -20,7 +20,7 @@ NOT_BUILT = (".venv*", ".git", "runs", ".cache", "build", "dist", "*.egg-info", 
 
 # The whole pipeline at its smallest (check_config's rules hold: calibration >= 2, no sizes to sweep);
 # 2 latents to explain, score and simulate keep the LLM stages to a few minutes on 2 CPU cores.
-RUN = [*SMALL, "explain.latents=2", "simulate.sentences=4", "simulate.calibration=4",
+RUN = [*SMALL, "explain.latents=2", "simulate.read_positions=8", "simulate.sentences=4", "simulate.calibration=4",
        "simulate.contexts_per_shard=4", "simulate.latents_per_shard=4", "calibrate.sizes=[]",
        "evaluate.fractions=[0.5,1.0]", "evaluate.batch_size=4", "evaluate.bootstrap=50"]
 
