@@ -29,12 +29,22 @@ def hub_cache(root: Path, repo: str, revisions: dict[str, Path]) -> Path:
     return root
 
 
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """huggingface_hub offline, on `cache`: the environment for a fresh import, and its constants
+    for an already imported one (it reads them at import time)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
 def test_hub_revisions_give_the_local_checkpoints_curve(tmp_path, monkeypatch):
     index = json.loads((TINY / "checkpoints.json").read_text())["checkpoints"]
     revisions = {name: TINY / name for name in index}
     cache = hub_cache(tmp_path / "hub", "EleutherAI/tiny-pythia", revisions)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, cache)
     points = sorted(index.items(), key=lambda kv: kv[1]["tokens"])
     curve = "[" + ",".join(f"{{revision: {n}, tokens: {e['tokens']}}}" for n, e in points) + "]"
     hub_cfg = load_config("configs/tiny.yaml", ["model.checkpoint=EleutherAI/tiny-pythia", "model.revision=final",
@@ -58,9 +68,7 @@ def test_a_curve_that_is_not_increasing_is_refused():
 
 
 def test_a_missing_revision_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "EleutherAI/tiny-pythia",
-                                                     {"final": TINY / "final"})))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, hub_cache(tmp_path / "hub", "EleutherAI/tiny-pythia", {"final": TINY / "final"}))
     cfg = load_config("configs/tiny.yaml", ["model.checkpoint=EleutherAI/tiny-pythia", "model.revision=final",
                                             "model.curve=[{revision: step1, tokens: 10}, {revision: final, tokens: 20}]"])
     with pytest.raises(UserError, match=r"EleutherAI/tiny-pythia.*revision step1") as e:
