@@ -88,30 +88,24 @@ def setting(res: dict, run_dir: str) -> list[str]:
             "\"random\" a random set of the same size.", ""]
 
 
+def by_fraction(run: RunResults, key: str) -> list[str]:
+    """One row per fraction: `key` (ce, delta_vs_clean or kl) of raw / normalised x top / random."""
+    rows = []
+    for f in run.fractions:
+        n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
+        rows.append([frac(f), n, *(pm(run.find(v, s, f), key) for v in VARIANTS for s in SELECTIONS)])
+    return table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
+
+
 def main_tables(run: RunResults) -> list[str]:
     lines = ["## Loss of the rewritten layer", "",
              "### CE by fraction replaced (mean ± half the 95% CI width)", ""]
-    rows = []
-    for f in run.fractions:
-        cells = [pm(run.find(v, s, f)) for v in VARIANTS for s in SELECTIONS]
-        n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
-        rows.append([frac(f), n, *cells])
-    lines += table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
+    lines += by_fraction(run, "ce")
     lines += ["", "### Increase over clean by fraction (Δ CE, mean ± half the paired 95% CI width)", "",
               "The sentences' spread cancels in the difference to clean, so these intervals are much narrower.", ""]
-    rows = []
-    for f in run.fractions:
-        cells = [pm(run.find(v, s, f), "delta_vs_clean") for v in VARIANTS for s in SELECTIONS]
-        n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
-        rows.append([frac(f), n, *cells])
-    lines += table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
+    lines += by_fraction(run, "delta_vs_clean")
     lines += ["", "### KL(clean || patched) by fraction (mean ± half the 95% CI width)", ""]
-    rows = []
-    for f in run.fractions:
-        cells = [pm(run.find(v, s, f), "kl") for v in VARIANTS for s in SELECTIONS]
-        n = next((c.get("n_selected") for c in run.conditions if c.get("fraction") == f), "")
-        rows.append([frac(f), n, *cells])
-    lines += table(["fraction", "n_selected", "raw top", "raw random", "normalised top", "normalised random"], rows)
+    lines += by_fraction(run, "kl")
     lines += ["", "### Fixed conditions", ""]
     rows = []
     full = [(f"{v}, every latent (never-explained ones = 0)", run.find(v, "all_latents")) for v in VARIANTS]
