@@ -68,20 +68,7 @@ class LocalBackend(Backend):
         projection runs at the slots only (all positions would be [batch, tokens, 49k] floats)."""
         torch = self.torch
         shared = min(_common_prefix(batch), min(min(s) for s in slots if s) if any(slots) else 0)
-        cache = None
-        if shared > 0:
-            cache = self.lm(input_ids=torch.tensor([batch[0][:shared]]), use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(batch))
-        rest = [p[shared:] for p in batch]
-        width = max(len(r) for r in rest)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        pos = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(rest):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, shared:shared + len(r)] = 1
-            pos[i, :len(r)] = torch.arange(shared, shared + len(r))
+        ids, mask, pos, cache = self._after_shared_prefix(batch, shared, left_pad=False)
         hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                        use_cache=cache is not None).last_hidden_state
         head = self.lm.get_output_embeddings()
@@ -93,6 +80,17 @@ class LocalBackend(Backend):
         torch = self.torch
         shared = _common_prefix(batch)
         shared = min(shared, min(len(p) for p in batch) - 1)  # every row keeps at least one own token
+        # left padding after the shared prefix: every row ends at -1
+        ids, mask, pos, cache = self._after_shared_prefix(batch, shared, left_pad=True)
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=cache is not None, logits_to_keep=1).logits  # the last position only
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def _after_shared_prefix(self, batch: list[list[int]], shared: int, left_pad: bool):
+        """(ids, attention mask, position ids, KV cache) of a batch whose first `shared` tokens are
+        common: the prefix runs once and its cache is repeated per row; the rows' own tokens are
+        padded on the left (every row ends at -1) or on the right (every row starts at 0)."""
+        torch = self.torch
         cache = None
         if shared > 0:
             cache = self.lm(input_ids=torch.tensor([batch[0][:shared]]), use_cache=True).past_key_values
@@ -103,13 +101,12 @@ class LocalBackend(Backend):
         mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
         mask[:, :shared] = 1
         pos = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(rest):  # left padding after the shared prefix: every row ends at -1
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, shared + width - len(r):] = 1
-            pos[i, width - len(r):] = torch.arange(shared, shared + len(r))
-        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=cache is not None, logits_to_keep=1).logits  # the last position only
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+        for i, r in enumerate(rest):
+            lo = width - len(r) if left_pad else 0
+            ids[i, lo:lo + len(r)] = torch.tensor(r)
+            mask[i, shared + lo:shared + lo + len(r)] = 1
+            pos[i, lo:lo + len(r)] = torch.arange(shared, shared + len(r))
+        return ids, mask, pos, cache
 
     def generate(self, prompts, max_tokens, bar=None):
         torch = self.torch
