@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML config file or built-in name")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--out", required=True, help="a new folder: OUT/latents/<hookpoint>/, OUT/explanations/")
+    help_text = "two finished runs of one coder side by side (e.g. plain vs contrastive explanations)"
+    p = sub.add_parser("compare", help=help_text, description=help_text)
+    p.add_argument("run_a", help="the first run folder (e.g. runs/tiny-full)")
+    p.add_argument("run_b", help="the second run folder, of the same coder (e.g. runs/tiny-full-contrastive)")
+    p.add_argument("--labels", default="plain,contrastive", help="the two runs' names in the report")
+    p.add_argument("--out", default=None, help="output folder (default RUN_B/compare)")
     p = sub.add_parser("corpus", help="rebuild the offline English corpus and its BPE tokenizer (needs apt packages)")
     p.add_argument("--out", default="assets/corpus")
     p.add_argument("--vocab-size", type=int, default=8192)
@@ -115,6 +121,14 @@ def _dispatch(args) -> int:
         from nlrw_jax.data.corpus import main as corpus_main
 
         return corpus_main(["build", "--out", args.out, "--vocab-size", str(args.vocab_size)])
+    if args.stage == "compare":  # reads two run folders, no config
+        from nlrw_jax.stages.compare import run as compare_runs
+
+        labels = tuple(args.labels.split(","))
+        if len(labels) != 2 or not all(labels):
+            raise UserError(f"--labels: expected two names separated by a comma, got {args.labels!r}")
+        print(compare_runs(Path(args.run_a), Path(args.run_b), args.out and Path(args.out), labels))
+        return 0
     from nlrw_jax import distributed
     from nlrw_jax.config import load_config
 

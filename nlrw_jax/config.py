@@ -274,11 +274,20 @@ class SimulateConfig:
 
 @dataclasses.dataclass
 class CalibrateConfig:
-    """`nlrw calibrate`: per-latent quantile maps from predicted values to true activations."""
+    """`nlrw calibrate`: per-latent maps from predicted values to true activations."""
 
-    estimator: Literal["type8", "empirical"] = "type8"  # type8 (Hyndman-Fan, median-unbiased) | empirical (type 7, numpy's default)
+    # The main "normalised" variant's calibration (every one is fit and swept; the list is
+    # nlrw_jax.rewrite.calibrate.CALIBRATIONS): quantile matching with type8 (Hyndman-Fan,
+    # median-unbiased) or empirical (type 7, numpy's default) quantiles; isotonic: per latent the
+    # least-squares non-decreasing map prediction -> E[true activation | prediction], fit on the
+    # (prediction, true activation) pairs of the calibration contexts; abstain: isotonic, but 0 below a
+    # per-latent threshold chosen for the balanced accuracy of firing detection.
+    estimator: Literal["type8", "empirical", "isotonic", "abstain"] = "type8"
     sizes: list[int] = dataclasses.field(default_factory=list)  # calibration-size sweep (contexts); [] = just all
     true_tokens: int = 0  # tokens of the activation store for the true quantiles; 0 = all
+    # isotonic / abstain: a latent with fewer calibration pairs whose true activation is > 0 uses the
+    # map pooled over all explained latents (in units of each latent's max activation) instead of its own
+    min_nonzero: int = 3
 
 
 @dataclasses.dataclass
@@ -589,6 +598,8 @@ def check_config(cfg: Config) -> None:
     per = ", in contexts: windows x simulate.read_positions" if sim.mode == "all_at_once" else ""
     need(not bad, "calibrate.sizes", f"{bad} must be in 2..simulate.calibration ({n_cal}){per}")
     need(cfg.calibrate.true_tokens >= 0, "calibrate.true_tokens", f"{cfg.calibrate.true_tokens} must be >= 0 (0 = all)")
+    need(cfg.calibrate.min_nonzero >= 1, "calibrate.min_nonzero", f"{cfg.calibrate.min_nonzero} must be >= 1 (a latent "
+         f"without a firing calibration pair always uses the pooled map)")
 
     tokens = [p.tokens for p in cfg.model.curve]
     need(all(b > a for a, b in zip(tokens, tokens[1:])) and all(t > 0 for t in tokens), "model.curve",

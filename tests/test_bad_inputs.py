@@ -476,9 +476,10 @@ def test_ranking_not_json(capsys, run, tmp_path, server):
     fails(capsys, "evaluate", *args, *llm_overrides(server.url), names=[path])
 
 
-def test_quantile_map_truncated(capsys, run, tmp_path, server):
+@pytest.mark.parametrize("name", ["type8_8.npz", "isotonic_8.npz", "abstain_4.npz"])
+def test_quantile_map_truncated(capsys, run, tmp_path, server, name):
     dst, args = copy_run(run, tmp_path, keep=CALIBRATED)
-    path = next((dst / "calibrate" / "maps").glob("type8_8.npz"))
+    path = next((dst / "calibrate" / "maps").glob(name))
     path.write_bytes(path.read_bytes()[:500])
     fails(capsys, "evaluate", *args, *llm_overrides(server.url), names=[path])
 

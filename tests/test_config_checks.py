@@ -49,6 +49,7 @@ RULES = [
     (["calibrate.sizes=[16, 65]"], "calibrate.sizes: [65] must be in 2..simulate.calibration (64)"),
     (["simulate.mode=one_at_a_time", "calibrate.sizes=[16, 65]"], "calibrate.sizes: [16, 65] must be in 2..simulate.calibration (2)"),
     (["calibrate.true_tokens=-1"], "calibrate.true_tokens"),
+    (["calibrate.min_nonzero=0"], "calibrate.min_nonzero: 0 must be >= 1"),
     (["evaluate.fractions=[0.5, 1.5]"], "evaluate.fractions: [0.5, 1.5] must be non-empty and in (0, 1]"),
     (["evaluate.fractions=[]"], "evaluate.fractions"),
     (["evaluate.bootstrap=0"], "evaluate.bootstrap"),

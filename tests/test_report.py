@@ -83,7 +83,8 @@ def make_run(run_dir, *, raw_all=4.6, norm_all=4.3, n_sentences=24, latents_simu
     out = run_dir / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    np.savez(out / "values.npz", latents=latents, true=true, ce=ce, kl=kl, window=np.arange(n_sentences), raw=raw,
+    np.savez(out / "values.npz", latents=latents, true=true, ce=ce, kl=kl, window=np.arange(n_sentences),
+             positions=np.full(n_sentences, 40), raw=raw,
              normalised=norm,
              **{v.replace(":", "_"): norm for v in variants[2:]})
     return result

@@ -132,7 +132,7 @@ def test_all_at_once_contexts_shards_and_calibration(all_at_once, tmp_path):
     # calibration uses every read position of the calibration windows
     nlrw("calibrate", "configs/tiny.yaml", *args)
     maps = sorted(p.name for p in Path(cfg.run_dir, "calibrate", "maps").glob("*.npz"))
-    assert maps == ["empirical_4.npz", "empirical_8.npz", "type8_4.npz", "type8_8.npz"]
+    assert maps == [f"{c}_{n}.npz" for c in ("abstain", "empirical", "isotonic", "type8") for n in (4, 8)]
 
 
 @pytest.mark.slow
@@ -169,7 +169,8 @@ def evaluated(simulated):
 def test_evaluate_results(evaluated):
     cfg, _, res = evaluated
     names = [(c["name"], c.get("selection"), c.get("fraction")) for c in res["conditions"]]
-    variants = ["raw", "normalised", "normalised:empirical:4", "normalised:empirical:8", "normalised:type8:4"]
+    variants = ["raw", "normalised", "normalised:empirical:4", "normalised:empirical:8", "normalised:type8:4",
+                "normalised:isotonic:4", "normalised:isotonic:8", "normalised:abstain:4", "normalised:abstain:8"]
     assert names[:6] == [(n, None, None) for n in ("clean", "transcoder", "zero_ablation", "mean_ablation",
                                                    "coder_zero", "latent_means")]
     assert names[6:] == [x for v in variants for x in [(v, s, f) for s in ("top", "random") for f in (0.25, 1.0)]
@@ -190,6 +191,11 @@ def test_evaluate_results(evaluated):
     values = np.load(Path(cfg.run_dir, "evaluate", "values.npz"))
     assert values["ce"].shape == values["kl"].shape == (len(names), 6) and values["normalised"].shape == (6, 4)
     assert (values["normalised"] >= 0).all()
+    # the sweep: every variant, the pooled-fallback count only for the maps fit on pairs
+    sweep = {s["variant"]: s for s in res["calibration_sweep"]}
+    assert list(sweep) == variants
+    assert all(isinstance(sweep[v]["pooled_fallback"], int) == (":isotonic:" in v or ":abstain:" in v)
+               for v in variants)
 
 
 def test_whole_layer_mode_beside_each(evaluated, tmp_path):
@@ -222,6 +228,18 @@ def test_calibration_maps_are_monotone_and_fit_on_calibration_contexts(evaluated
     preds = load_predictions(cfg)
     raw = C.raw_values(preds, load_examples(cfg).data["max_act"], cfg.simulate.readout)
     np.testing.assert_allclose(m["pred_knots"][:, -1], raw[6:].max(0), rtol=1e-6)  # only calibration contexts
+    # the isotonic map: fit on the calibration contexts' (prediction, true activation) pairs
+    from sklearn.isotonic import IsotonicRegression
+
+    m = Q.load_quantile_map(RunFolder(cfg.run_dir).quantile_map("isotonic", 8))
+    true = S.true_values(preds["contexts"], preds["latents"])[6:]
+    got = np.asarray(Q.apply_quantile_map(m["pred_knots"], m["true_knots"], raw[6:]))
+    fell = set(m["meta"]["pooled_fallback_latents"])
+    assert m["meta"]["pooled_fallback"] == len(fell) == int(((true > 0).sum(0) < 3).sum())
+    for j, lat in enumerate(preds["latents"]):
+        if int(lat) not in fell:
+            want = IsotonicRegression(out_of_bounds="clip").fit(raw[6:, j], true[:, j]).predict(raw[6:, j])
+            np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_predictions_and_maps_are_refused(evaluated, tmp_path):

@@ -6,19 +6,12 @@ import numpy as np
 
 from nlrw_jax.report.format import BASELINES, FIXED, FIXED_LABELS, SELECTIONS, VARIANTS, ci_text, condition_label, \
     frac, isnum, num, pm, signed, table
-from nlrw_jax.report.stats import RunResults, column, compare, spearman, sweep_entries
+from nlrw_jax.report.stats import RunResults, beats, column, compare, rewrite_variants, spearman, sweep_entries, \
+    whole_layer
 
 
 def verdict(ok: bool | None) -> str:
     return "**n/a**" if ok is None else ("**holds**" if ok else "**does not hold**")
-
-
-def full_rewrite(run: RunResults, res: dict, variant: str) -> dict | None:
-    """The variant's condition with the whole layer rewritten: every latent (never-simulated ones as
-    0) when only some were simulated, else the top selection at the largest fraction."""
-    if res.get("latents_simulated", 0) < res.get("latents_total", 0) and run.find(variant, "all_latents"):
-        return run.find(variant, "all_latents")
-    return run.find(variant, "top", run.fmax)
 
 
 def summary(run: RunResults, res: dict, claims: list[tuple[str, str, bool | None]]) -> list[str]:
@@ -33,7 +26,7 @@ def summary(run: RunResults, res: dict, claims: list[tuple[str, str, bool | None
              f"{res.get('latents_total')} latents simulated from their explanations; "
              f"{res.get('contexts', res.get('sentences'))} evaluation contexts in {res.get('sentences')} windows "
              f"({where}; `{mode}` mode).", ""]
-    full = [c for c in (full_rewrite(run, res, v) for v in VARIANTS) if c is not None]
+    full = [c for c in (whole_layer(run, v) for v in VARIANTS) if c is not None]
     # The best rewrite of the whole layer, over every calibration variant.
     candidates = full + [c for c in run.conditions if c["name"] not in FIXED and (
         c.get("selection") == "all_latents" if full and full[0].get("selection") == "all_latents"
@@ -60,9 +53,31 @@ def summary(run: RunResults, res: dict, claims: list[tuple[str, str, bool | None
     if verdicts:
         lines += ["", "The best rewrite " + "; ".join(verdicts) + ". A rewrite shows what the explanations add only "
                   "where it beats every baseline."]
+    lines += ["", *any_beats(run)]
     lines += ["", "**The paper's claims:** " + "; ".join(f"({tag}) {short} {verdict(ok)}" for tag, short, ok in claims)
               + " (details under Orderings).", ""]
     return lines
+
+
+def any_beats(run: RunResults, label: str = "") -> list[str]:
+    """One plain sentence per baseline: which whole-layer rewrites (raw and every calibration) beat it
+    beyond the paired 95% CI. Partial rewrites keep most true latents, so only whole ones count."""
+    rewrites = [c for c in (whole_layer(run, v) for v in rewrite_variants(run)) if c is not None]
+    if not rewrites or run.ce is None:
+        return []
+    out = []
+    for b in ("zero_ablation", "mean_ablation"):
+        base = run.find(b)
+        if base is None:
+            continue
+        won = [c["name"] for c in rewrites if beats(run, c, base)]
+        if won:
+            out.append(f"- {label}**{len(won)} of the {len(rewrites)}** whole-layer rewrites (raw and every "
+                       f"calibration) beat {FIXED_LABELS[b]} beyond the 95% CI: {', '.join(f'`{n}`' for n in won)}.")
+        else:
+            out.append(f"- {label}**none** of the {len(rewrites)} whole-layer rewrites (raw and every calibration) "
+                       f"beats {FIXED_LABELS[b]} beyond the 95% CI.")
+    return out
 
 
 def setting(res: dict, run_dir: str) -> list[str]:
@@ -78,7 +93,7 @@ def setting(res: dict, run_dir: str) -> list[str]:
          f"{res.get('latents_total')} / {res.get('latents_simulated')} / {res.get('latents_explained')}"),
         ("unexplained simulated latents (set to zero)", res.get("unexplained_simulated_as_zero")),
         ("readout", res.get("readout")),
-        ("quantile estimator (normalised)", f"{res.get('estimator')}, {res.get('calibration_contexts')} contexts"),
+        ("calibration of \"normalised\"", f"{res.get('estimator')}, {res.get('calibration_contexts')} contexts"),
         ("fractions replaced", ", ".join(frac(f) for f in res.get("fractions", []))),
     ]
     return ["## Setting", "", *table(["setting", "value"], [[k, v] for k, v in rows], "ll"), "",
@@ -154,14 +169,17 @@ def sweep_table(res: dict, plotted: bool) -> list[str]:
     rows = sweep_entries(res)
     lines = ["## Calibration sweep", "",
              "Pooled over latents and evaluation contexts; a prediction counts as active above half a rating step "
-             "(max activation / 18). CE with every simulated latent replaced (top selection, largest fraction).", ""]
+             "(max activation / 18). CE with every simulated latent replaced (top selection, largest fraction). "
+             "Pooled fallback (isotonic, abstain): the latents with too few firing calibration pairs "
+             "(`calibrate.min_nonzero`) that use the map pooled over latents.", ""]
     if not rows:
         return lines + ["No calibration sweep in results.json.", ""]
     lines += table(["variant", "estimator", "calibration contexts", "pooled specificity", "pooled sensitivity",
-                     "CE (top, all)"],
+                     "CE (top, all)", "pooled fallback"],
                     [[s["variant"], s["estimator"] or "—", s["size"] if s["size"] is not None else "—",
-                      num(s["pooled_specificity"], 3), num(s["pooled_sensitivity"], 3), num(s["ce_top_all"])]
-                     for s in rows], "lllrrr")
+                      num(s["pooled_specificity"], 3), num(s["pooled_sensitivity"], 3), num(s["ce_top_all"]),
+                      s["pooled_fallback"] if s.get("pooled_fallback") is not None else "—"]
+                     for s in rows], "lllrrrr")
     if plotted:
         lines += ["", "![calibration sweep](calibration_sweep.png)"]
     return lines + [""]

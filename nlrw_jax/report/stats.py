@@ -95,3 +95,44 @@ def sweep_entries(res: dict) -> list[dict]:
             est, size = (parts[1], int(parts[2])) if len(parts) == 3 and parts[2].isdigit() else (None, None)
         out.append({**s, "estimator": est, "size": size})
     return out
+
+
+def rewrite_variants(run: RunResults) -> list[str]:
+    """The simulated-value variants (raw, normalised, every calibration of the sweep), in results order."""
+    from nlrw_jax.report.format import FIXED
+
+    return list(dict.fromkeys(c["name"] for c in run.conditions if c["name"] not in FIXED))
+
+
+def whole_layer(run: RunResults, variant: str) -> dict | None:
+    """The variant's condition with the whole layer rewritten: every latent (never-simulated ones as
+    0) when only some were simulated, else the top selection at the largest fraction."""
+    res = run.res
+    if res.get("latents_simulated", 0) < res.get("latents_total", 0) and run.find(variant, "all_latents"):
+        return run.find(variant, "all_latents")
+    return run.find(variant, "top", run.fmax)
+
+
+def beats(run: RunResults, a: dict, b: dict) -> bool | None:
+    """Whether CE(a) < CE(b) beyond the paired 95% CI (None without per-context values)."""
+    pd = run.paired_diff(a, b)
+    return None if pd is None else pd[1][1] < 0
+
+
+def paired_between(a: RunResults, ca: dict, b: RunResults, cb: dict, key: str = "ce", n: int = 1000,
+                   seed: int = 0) -> tuple[float, list[float]] | None:
+    """Mean key(cb in run b) - key(ca in run a) over the same evaluation contexts of two runs, with the
+    window-resampling 95% CI; None unless both runs' values.npz hold the same (window, position) pairs."""
+    va, vb = a.values or {}, b.values or {}
+    arr_a, arr_b = va.get(key), vb.get(key)
+    if arr_a is None or arr_b is None or len(arr_a) != len(a.conditions) or len(arr_b) != len(b.conditions):
+        return None
+    for k in ("window", "positions"):
+        if k not in va or k not in vb or not np.array_equal(va[k], vb[k]):
+            return None
+    d = arr_b[b.index(cb)] - arr_a[a.index(ca)]
+    ok = np.isfinite(d)
+    if not ok.any():
+        return None
+    boot = bootstrap(d[ok][None], n, seed, np.asarray(va["window"])[ok])[:, 0]
+    return float(d[ok].mean()), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]

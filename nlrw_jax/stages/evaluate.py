@@ -3,7 +3,7 @@
 Conditions (METHOD.md, "Evaluation"): clean, transcoder, the baselines (zero ablation, mean
 ablation, the coder with every latent at zero, every latent at its mean; the means over the first
 `evaluate.baseline_tokens` tokens of the activation store), then the simulated values
-(raw, and quantile-normalised by each calibrate map) for the top-scoring and a random fraction of
+(raw, and normalised by each calibrate map: quantile, isotonic, abstaining) for the top-scoring and a random fraction of
 the simulated latents, at every `evaluate.fractions`. Fractions are of the simulated latents (all
 explained ones; in the paper every latent was explained, so it is the same), the others keeping
 their true values; "all_latents" also replaces the never-simulated latents, by zero (the paper's
@@ -36,11 +36,10 @@ from tqdm import tqdm
 from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.io import save_npz, write_json, write_text
-from nlrw_jax.rewrite.calibrate import normalised_values, raw_values
+from nlrw_jax.rewrite.calibrate import CALIBRATIONS, map_meta, normalised_values, raw_values
 from nlrw_jax.rewrite.metrics import active_rates, baseline_means, bootstrap, checkpoint_curve, ci, \
     equivalent_fraction, finite_or_none, selection_masks
 from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, check_positions, check_shapes, make_patched_eval
-from nlrw_jax.rewrite.quantile import METHODS
 from nlrw_jax.rewrite.simulate import true_values
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.calibrate import calibrate_identity, calibration_sizes
@@ -94,9 +93,11 @@ def run(cfg: Config, progress: bool = True) -> Path:
         sizes = calibration_sizes(cfg)
         variants = {"raw": raw}  # each [contexts, simulated latents]; dense [.., n] only per batch
         main = (cfg.calibrate.estimator, sizes[-1])
-        for est, size in [main] + [(x, n) for x in sorted(METHODS) for n in sizes if (x, n) != main]:
-            variants["normalised" if (est, size) == main else f"normalised:{est}:{size}"] = \
-                normalised_values(run.quantile_map(est, size), raw, latents, explained)
+        fallback = {}  # variant -> latents on the pooled map (paired calibrations only)
+        for est, size in [main] + [(x, n) for x in CALIBRATIONS for n in sizes if (x, n) != main]:
+            name = "normalised" if (est, size) == main else f"normalised:{est}:{size}"
+            variants[name] = normalised_values(run.quantile_map(est, size), raw, latents, explained)
+            fallback[name] = map_meta(run.quantile_map(est, size)).get("pooled_fallback")
         num_latents = ex.num_latents
         masks, mask_meta = selection_masks(ranking, latents, num_latents, e.fractions, e.seed)
         check_shapes(np.zeros((len(variants), 1, num_latents)), masks, num_latents)
@@ -158,7 +159,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
                       for j, lat in enumerate(latents)]
         top_all = next(c for c in main_conditions if c.get("selection") == "top" and c["fraction"] == max(e.fractions))
         sweep = [{"variant": v, "pooled_specificity": r["pooled_specificity"],
-                  "pooled_sensitivity": r["pooled_sensitivity"],
+                  "pooled_sensitivity": r["pooled_sensitivity"], "pooled_fallback": fallback.get(v),
                   **{f"{k}_top_all": next(c[k] for c in main_conditions if c["name"] == v and c.get("selection") ==
                                           "top" and c["fraction"] == top_all["fraction"]) for k in ("ce", "kl")}}
                  for v, r in rates.items()]
