@@ -44,7 +44,7 @@ def test_compare_pairs_latents_and_contexts(tmp_path, capsys):
     md = (b / "compare" / "compare.md").read_text()
     assert md.startswith("# contrastive against plain explanations\n\n**Answer:** detection AUC 0.600 (plain) vs "
                          "0.700 (contrastive) over 3 latents scored in both: contrastive − plain = +0.100, 95% CI "
-                         "[0.100, 0.100] (excludes 0); best whole-layer rewrite CE ")
+                         "[0.100, 0.100] (excludes 0); best rewrite (every simulated latent replaced) CE ")
     # the whole-layer rewrites paired over the shared contexts: contrastive 0.1 nats lower
     row = next(ln for ln in md.splitlines() if ln.startswith("| normalised (top, 1.0) |"))
     diff = float(row.split("|")[4].split()[0])

@@ -1,6 +1,7 @@
 """Two runs of the same coder side by side (e.g. plain against contrastive explanations): the
-explainers' detection and fuzzing AUC paired over the latents both scored, and each whole-layer
-rewrite's CE and KL paired over the evaluation contexts both runs share."""
+explainers' detection and fuzzing AUC paired over the latents both scored, and each
+rewrite's CE and KL (every simulated latent replaced) paired over the evaluation contexts both runs
+share."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ import numpy as np
 
 from nlrw_jax.report.format import FIXED_LABELS, ci_text, condition_label, num, signed, table
 from nlrw_jax.report.markdown import any_beats
-from nlrw_jax.report.stats import RunResults, paired_between, rewrite_variants, whole_layer
+from nlrw_jax.report.stats import RunResults, paired_between, rewrite_variants
 
 SCORES = ("detection_auc", "fuzzing_auc")
+
+
+def every_simulated(run: RunResults, variant: str) -> dict | None:
+    """The variant with every simulated latent replaced (top selection at the largest fraction), the
+    others keeping their true values: the whole layer when every latent was simulated, and otherwise
+    still a like-for-like comparison of two runs that simulated the same latents."""
+    return run.find(variant, "top", run.fmax)
 
 
 def paired_latents(a: dict[int, dict], b: dict[int, dict], key: str, n: int = 1000, seed: int = 0) -> dict | None:
@@ -42,7 +50,7 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
     auc = {k: paired_latents(scores_a, scores_b, k) for k in SCORES}
     rows, best = [], {}
     for v in rewrite_variants(a):
-        ca, cb = whole_layer(a, v), whole_layer(b, v)
+        ca, cb = every_simulated(a, v), every_simulated(b, v)
         if ca is None or cb is None:
             continue
         pce, pkl = paired_between(a, ca, b, cb, "ce"), paired_between(a, ca, b, cb, "kl")
@@ -63,7 +71,7 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
                       f"({_ci_verdict(det['ci'])})")
     if la in best and lb in best:
         pd = paired_between(a, best[la], b, best[lb])
-        answer.append(f"best whole-layer rewrite CE {num(best[la]['ce'])} ({la}, `{best[la]['name']}`) vs "
+        answer.append(f"best rewrite (every simulated latent replaced) CE {num(best[la]['ce'])} ({la}, `{best[la]['name']}`) vs "
                       f"{num(best[lb]['ce'])} ({lb}, `{best[lb]['name']}`)"
                       + (f": {lb} − {la} = {signed(pd[0])} nats, 95% CI {ci_text(pd[1])} ({_ci_verdict(pd[1])})"
                          if pd else ""))
@@ -73,16 +81,18 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
     lines += ["", f"Runs: {la} = `{names[0]}`, {lb} = `{names[1]}` (the same coder; the same evaluation contexts "
                   "where a paired CI is given).", ""]
     if plotted:
-        lines += ["![detection AUC per latent, and the whole-layer rewrites' Δ CE](compare.png)", ""]
+        lines += ["![detection AUC per latent, and Δ CE with every simulated latent replaced](compare.png)", ""]
     lines += ["## Explanation scores (paired over latents)", "",
               *table(["score", f"{la} mean", f"{lb} mean", f"{lb} − {la} (95% CI, resampling latents)",
                       f"{lb} higher / lower", "latents"],
                      [[k.replace("_", " "), num(s["a"], 3), num(s["b"], 3), f"{signed(s['diff'], 3)} "
                        f"{ci_text(s['ci'], 3)}", f"{s['b_higher']} / {s['b_lower']}", s["n"]]
                       for k, s in auc.items() if s is not None]), ""]
-    lines += ["## Whole-layer rewrites", "",
-              "Δ CE over clean with its paired 95% CI in each run; then the difference between the runs on the "
-              "same contexts (resampling windows); KL(clean || patched).", "",
+    lines += ["## Every simulated latent replaced", "",
+              "Each variant with every simulated latent replaced by its simulation (the whole layer when every "
+              "latent was simulated; otherwise the rest keep their true values). Δ CE over clean with its paired "
+              "95% CI in each run; then the difference between the runs on the same contexts (resampling "
+              "windows); KL(clean || patched).", "",
               *table(["condition", f"Δ CE {la}", f"Δ CE {lb}", f"CE {lb} − {la}", f"KL {la} / {lb}",
                       f"KL {lb} − {la}"], rows), ""]
     base_rows = []
@@ -98,11 +108,12 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
 def plot_compare(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict, labels: tuple[str, str],
                  path: Path) -> bool:
     """Left: each latent's detection AUC, one run against the other (the diagonal: no change).
-    Right: Δ CE over clean of each whole-layer rewrite in both runs, with the baselines as lines."""
+    Right: Δ CE over clean of each variant with every simulated latent replaced, in both runs, with
+    the baselines as lines."""
     from nlrw_jax.report.plots import _new_figure, _save_fig
 
     det = paired_latents(scores_a, scores_b, "detection_auc")
-    variants = [v for v in rewrite_variants(a) if whole_layer(a, v) and whole_layer(b, v)]
+    variants = [v for v in rewrite_variants(a) if every_simulated(a, v) and every_simulated(b, v)]
     if det is None and not variants:
         return False
     fig = _new_figure(13, 5)
@@ -117,7 +128,7 @@ def plot_compare(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict, l
                        f"[{det['ci'][0]:+.3f}, {det['ci'][1]:+.3f}]", fontsize=9)
     y = np.arange(len(variants))
     for k, (run, lab, colour) in enumerate(((a, labels[0], "tab:blue"), (b, labels[1], "tab:orange"))):
-        cs = [whole_layer(run, v) for v in variants]
+        cs = [every_simulated(run, v) for v in variants]
         mid = np.array([c["delta_vs_clean"] for c in cs])
         err = np.array([[c["delta_vs_clean"] - c["delta_ci"][0], c["delta_ci"][1] - c["delta_vs_clean"]]
                         for c in cs]).T
@@ -128,7 +139,7 @@ def plot_compare(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict, l
             right.axvline(c["delta_vs_clean"], color=colour, ls="--", lw=1, label=FIXED_LABELS[name])
     right.set_yticks(y)
     right.set_yticklabels(variants, fontsize=8)
-    right.set_xlabel("Δ CE over clean (nats), whole layer rewritten; 95% CI")
+    right.set_xlabel("Δ CE over clean (nats), every simulated latent replaced; 95% CI")
     right.legend(fontsize=8)
     _save_fig(fig, path)
     return True
