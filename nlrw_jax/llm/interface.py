@@ -60,6 +60,11 @@ class Backend(abc.ABC):
             ids.append(enc[0])
         return ids
 
+    def health(self) -> dict:
+        """Counters for live metrics (the stages' TensorBoard progress); a remote backend adds its
+        retries and how many endpoints are up."""
+        return {}
+
     def bar(self, total: int, desc: str):
         """A prompts bar (rate, ETA). Stages pass their own, spanning all their calls, as `bar=`."""
         return tqdm(total=total, desc=desc, unit="prompt", disable=not self.progress, smoothing=0.1)

@@ -76,6 +76,12 @@ class OpenAIBackend(Backend):
         self.served = self._check_endpoints(cfg)
         super().__init__(cfg, tokenizer_for(cfg.model), progress)
         self._next = 0
+        self.retries = 0  # requests sent again after a failure, over this backend's life
+
+    def health(self) -> dict:
+        now = time.monotonic()
+        return {"retries": self.retries, "endpoints_up": sum(ep.down_until <= now for ep in self.endpoints),
+                "endpoints": len(self.endpoints)}
 
     def _check_endpoints(self, cfg) -> str:
         """GET /models on every endpoint: fail fast naming them if none answers; return the model id.
@@ -155,6 +161,7 @@ class OpenAIBackend(Backend):
                     wrong = last
                 ep.fail(cfg.backoff_s, sent_at)
                 if attempt < cfg.retries:
+                    self.retries += 1
                     await asyncio.sleep(cfg.backoff_s * (2 ** attempt) * (0.5 + random.random()))
         tried = f"prompt {index} failed after {cfg.retries} retries over {', '.join(ep.url for ep in self.endpoints)}"
         if wrong:  # a server that answers wrongly will not mend itself by a rerun

@@ -221,3 +221,4 @@ def load_examples(cfg: Config):
 def load_explanations(cfg: Config) -> dict:
     """{latent: explanation or None} of the run, checked to be of the run's coder."""
     return run_folder(cfg).read_explanations(load_coder(cfg)[2])
+

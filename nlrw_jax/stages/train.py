@@ -26,6 +26,7 @@ from nlrw_jax.sparse.coder import points_for
 from nlrw_jax.sparse.sparsify_format import save_sparsify
 from nlrw_jax.sparse.train import Trainer, make_spliced_ce, spliced_eval
 from nlrw_jax.stages.common import data_identity, model_folder, model_identity, run_folder, token_caches
+from nlrw_jax.stages.live import tensorboard_writer
 
 
 def _on_the_fly_batches(cfg: Config, model: GPTNeoX, lm_params, train_cache, start_step: int):
@@ -130,16 +131,6 @@ def _import(cfg: Config) -> dict:
     return summary
 
 
-def _tensorboard(run):
-    """A TensorBoard writer beside metrics.jsonl (run_dir/sparse/tensorboard), so a long run can be
-    watched live (`tensorboard --logdir run_dir`); process 0 only. None without tensorboardX."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # a dependency, but the JSON lines stay the record: training never needs it
-        return None
-    return SummaryWriter(str(run.dir("train") / "tensorboard"), flush_secs=30)
-
-
 def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_windows, store, progress) -> dict:
     s = cfg.sparse
     if run.train_summary.exists():  # finished (every host sees the shared folder, so all return here)
@@ -167,7 +158,7 @@ def _train(cfg, run, trainer, model, lm_config, lm_params, train_cache, val_wind
     tb = None
     if distributed.is_primary():
         truncate_jsonl(metrics_path, start)
-        tb = _tensorboard(run)
+        tb = tensorboard_writer(run.dir("train") / "tensorboard")
     ce_sums = make_spliced_ce(model, cfg.model.layer, s.kind, s.k)
     lm_params = jax.device_put(lm_params, replicated(mesh))  # the spliced eval runs on the whole mesh
 
