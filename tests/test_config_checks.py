@@ -46,7 +46,7 @@ RULES = [
     (["simulate.mode=one_at_a_time", "simulate.calibration=1"], "simulate.calibration: 1 contexts cannot fit a quantile map"),
     (["simulate.read_positions=250"], "simulate.read_positions"),
     (["data.ctx_len=32", "examples.window_tokens=32"], "data.ctx_len: 32 leaves no position"),
-    (["calibrate.sizes=[16, 129]"], "calibrate.sizes: [129] must be in 2..simulate.calibration (128)"),
+    (["calibrate.sizes=[16, 65]"], "calibrate.sizes: [65] must be in 2..simulate.calibration (64)"),
     (["simulate.mode=one_at_a_time", "calibrate.sizes=[16, 65]"], "calibrate.sizes: [16, 65] must be in 2..simulate.calibration (2)"),
     (["calibrate.true_tokens=-1"], "calibrate.true_tokens"),
     (["calibrate.min_nonzero=0"], "calibrate.min_nonzero: 0 must be >= 1"),
