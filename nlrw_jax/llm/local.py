@@ -15,23 +15,6 @@ if TYPE_CHECKING:
     from nlrw_jax.config import LLMConfig
 
 
-def _keep_freed_memory() -> None:
-    """glibc hands every large freed tensor (attention scores, a growing KV cache) back to the OS and
-    page-faults it in again on the next batch: a quarter of the CPU time in system calls here. Keep
-    freed memory in the process instead (mallopt: mmap threshold 1 GiB, no trimming). Measured on
-    the tiny-full explain stage, 16 latents on 2 cores: 127 s -> 103 s, system time 50 s -> 4 s."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-        libc.mallopt(-2, 1 << 28)  # M_TOP_PAD
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to tune
-        pass
-
-
 class LocalBackend(Backend):
     """transformers in this process (CPU or GPU); for the embedded default and for tests."""
 
@@ -39,7 +22,6 @@ class LocalBackend(Backend):
 
     def __init__(self, cfg: LLMConfig, progress: bool = True):
         self.torch = require_llm("torch", "llm.backend=local")
-        _keep_freed_memory()
         tokenizer, self.lm = load_transformers(cfg.model, cfg.dtype)
         super().__init__(cfg, tokenizer, progress)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

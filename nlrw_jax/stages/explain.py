@@ -23,6 +23,7 @@ from nlrw_jax.interpret.explain import latent_batches
 from nlrw_jax.io import append_batch
 from nlrw_jax.stages.common import LazyBackend, llm_identity, load_coder, load_examples, load_explanations, \
     model_identity, run_folder, subject_tokenizer
+from nlrw_jax.stages.live import live_progress
 
 
 def chosen_latents(cfg: Config, num_latents: int) -> list[int]:
@@ -103,8 +104,8 @@ def run(cfg: Config, progress: bool = True, backend=None) -> Path:
             tok = subject_tokenizer(cfg)
             backend = backend or LazyBackend(cfg, progress, "explain")
             neighbours = Neighbours(ex, e.neighbours, e.neighbour_windows) if e.style == "contrastive" else None
-            bar = tqdm(total=len(latents), initial=len(latents) - sum(len(batches[b]) for b in todo),
-                       desc="explain", unit="latent", disable=not progress)
+            bar = live_progress(cfg, "explain", backend, progress, total=len(latents),
+                                initial=len(latents) - sum(len(batches[b]) for b in todo), desc="explain", unit="latent")
             for b in todo:
                 records, prompts, slots = [], [], []
                 for latent in batches[b]:

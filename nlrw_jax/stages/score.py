@@ -4,7 +4,6 @@ saw; scores/{scores.jsonl, table.csv, ranking.json, summary.json}, resumable per
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
@@ -15,6 +14,7 @@ from nlrw_jax.io import append_batch, read_batches, read_json_object
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.common import LazyBackend, llm_identity, load_examples, load_explanations, model_identity, \
     run_folder, subject_tokenizer
+from nlrw_jax.stages.live import live_progress
 
 
 def run(cfg: Config, progress: bool = True, backend=None) -> dict:
@@ -44,8 +44,8 @@ def run(cfg: Config, progress: bool = True, backend=None) -> dict:
             backend.candidate_ids(P.BINARY)
             per_latent = 10 * s.activating_per_decile + s.non_activating
             total = sum(2 * per_latent for b in todo for _ in batches[b])
-            bar = tqdm(total=total, desc="score (detection + fuzzing)", unit="prompt", disable=not progress,
-                       smoothing=0.1)
+            bar = live_progress(cfg, "score", backend, progress, total=total, desc="score (detection + fuzzing)",
+                                unit="prompt", smoothing=0.1)
             for b in todo:
                 records, prompts, spans = [], [], []
                 for latent in batches[b]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
@@ -27,6 +26,7 @@ from nlrw_jax.rewrite.simulate import check_finite_or_inf, expected_digit, shard
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.common import LazyBackend, data_identity, llm_identity, load_coder, load_explanations, \
     model_folder, model_identity, run_folder, subject_tokenizer, token_caches
+from nlrw_jax.stages.live import live_progress
 
 
 def make_contexts(cfg: Config) -> dict:
@@ -119,8 +119,8 @@ def run(cfg: Config, shard: int | None = None, num_shards: int = 1, progress: bo
             backend.candidate_ids(P.DIGITS)
             n_prompts = sum((c1 - c0) * sum(explanations[int(x)] is not None for x in latents[l0:l1])
                             for c0, c1, l0, l1 in (grid[k] for k in todo))
-            bar = tqdm(total=n_prompts, desc=f"simulate ({len(todo)} of {len(grid)} shards)", unit="prediction",
-                       disable=not progress, smoothing=0.1)
+            bar = live_progress(cfg, "simulate", backend, progress, total=n_prompts, unit="prediction",
+                                desc=f"simulate ({len(todo)} of {len(grid)} shards)", smoothing=0.1)
             for k in todo:
                 c0, c1, l0, l1 = grid[k]
                 lat = latents[l0:l1]
