@@ -62,3 +62,15 @@ def test_compare_refuses_different_coders(tmp_path, capsys):
     assert len(err) == 1 and "explain different coders (c0ffee vs beef)" in err[0]
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
     assert "results.json does not exist" in capsys.readouterr().err
+
+
+def test_compare_other_latents_pairs_scores_only(tmp_path):
+    a, b = tmp_path / "all", tmp_path / "subset"
+    _arm(a, "c0ffee", {0: 0.6, 2: 0.7, 4: 0.5}, norm_all=4.3, latents_simulated=8)
+    _arm(b, "c0ffee", {0: 0.7, 2: 0.8}, norm_all=4.2, latents_simulated=4)
+    assert main(["compare", str(a), str(b), "--labels", "plain,contrastive"]) == 0
+    md = (b / "compare" / "compare.md").read_text()
+    assert "over 2 latents scored in both" in md
+    assert "the rewrites are not compared: the runs simulated different latents (8 and 4)" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| normalised (top, 1.0) |"))
+    assert "n/a (different latents simulated)" in row

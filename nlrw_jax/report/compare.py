@@ -48,17 +48,20 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
                    names: tuple[str, str], plotted: bool) -> list[str]:
     la, lb = labels
     auc = {k: paired_latents(scores_a, scores_b, k) for k in SCORES}
+    # Rewrites compare like for like only when both runs simulated the same latents.
+    same = [x.get("latent") for x in a.res.get("latents", [])] == [x.get("latent") for x in b.res.get("latents", [])]
+    why = "other contexts" if same else "different latents simulated"
     rows, best = [], {}
     for v in rewrite_variants(a):
         ca, cb = every_simulated(a, v), every_simulated(b, v)
         if ca is None or cb is None:
             continue
-        pce, pkl = paired_between(a, ca, b, cb, "ce"), paired_between(a, ca, b, cb, "kl")
+        pce, pkl = (paired_between(a, ca, b, cb, "ce"), paired_between(a, ca, b, cb, "kl")) if same else (None, None)
         rows.append([condition_label(ca), f"{signed(ca['delta_vs_clean'])} {ci_text(ca['delta_ci'])}",
                      f"{signed(cb['delta_vs_clean'])} {ci_text(cb['delta_ci'])}",
-                     f"{signed(pce[0])} {ci_text(pce[1])}" if pce else "n/a (other contexts)",
+                     f"{signed(pce[0])} {ci_text(pce[1])}" if pce else f"n/a ({why})",
                      f"{num(ca.get('kl'))} / {num(cb.get('kl'))}",
-                     f"{signed(pkl[0])} {ci_text(pkl[1])}" if pkl else "n/a"])
+                     f"{signed(pkl[0])} {ci_text(pkl[1])}" if pkl else f"n/a ({why})"])
         for lab, c in ((la, ca), (lb, cb)):
             if lab not in best or c["ce"] < best[lab]["ce"]:
                 best[lab] = c
@@ -69,7 +72,10 @@ def compare_report(a: RunResults, b: RunResults, scores_a: dict, scores_b: dict,
         answer.append(f"detection AUC {num(det['a'], 3)} ({la}) vs {num(det['b'], 3)} ({lb}) over {det['n']} latents "
                       f"scored in both: {lb} − {la} = {signed(det['diff'], 3)}, 95% CI {ci_text(det['ci'], 3)} "
                       f"({_ci_verdict(det['ci'])})")
-    if la in best and lb in best:
+    if la in best and lb in best and not same:
+        answer.append(f"the rewrites are not compared: the runs simulated different latents ({a.res.get('latents_simulated')} "
+                      f"and {b.res.get('latents_simulated')})")
+    elif la in best and lb in best:
         pd = paired_between(a, best[la], b, best[lb])
         answer.append(f"best rewrite (every simulated latent replaced) CE {num(best[la]['ce'])} ({la}, `{best[la]['name']}`) vs "
                       f"{num(best[lb]['ce'])} ({lb}, `{best[lb]['name']}`)"
