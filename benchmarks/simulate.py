@@ -321,7 +321,7 @@ def run_agreement(args) -> dict:
     from nlrw_jax.stages.simulate import load_predictions
 
     cfg = load_config(args.config, [f"run_dir={args.run}"])
-    preds = load_predictions(cfg)
+    preds = load_predictions(cfg, logprobs=True)
     contexts, n_eval = preds["contexts"], int(preds["contexts"]["n_eval"])
     keep = np.flatnonzero(preds["explained"])[:args.latents]
     latents, aao = preds["latents"][keep], preds["logprobs"][:, keep]

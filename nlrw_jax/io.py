@@ -30,14 +30,38 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_npz(path: Path, arrays: dict) -> None:
-    """Temp file, fsync, then rename: a killed writer never leaves a file that looks complete."""
+def save_npz(path: Path, arrays: dict, row_blocks: dict | None = None) -> None:
+    """Temp file, fsync, then rename: a killed writer never leaves a file that looks complete.
+
+    row_blocks: name -> (shape, dtype, blocks), an array written from an iterable of its row
+    blocks in order (np.savez's layout), so that it is never whole in memory."""
+    import zipfile
+
     import numpy as np
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        if not row_blocks:
+            np.savez(f, **arrays)
+        else:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for name, a in arrays.items():
+                    with z.open(name + ".npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
+                for name, (shape, dtype, blocks) in row_blocks.items():
+                    dtype, rows = np.dtype(dtype), 0
+                    with z.open(name + ".npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array_header_1_0(member, {
+                            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                        for block in blocks:
+                            block = np.ascontiguousarray(block, dtype)
+                            if block.shape[1:] != tuple(shape[1:]):
+                                raise ValueError(f"{name}: a block of shape {block.shape} in an array of {shape}")
+                            member.write(block.tobytes())
+                            rows += len(block)
+                    if rows != shape[0]:
+                        raise ValueError(f"{name}: {rows} rows written of {shape[0]}")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

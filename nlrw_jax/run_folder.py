@@ -227,9 +227,14 @@ class RunFolder:
             raise UserError(f"{self.contexts}: window/positions out of range of its windows; {fix}")
         return out
 
-    def read_predictions(self, grid: list[tuple[int, int, int, int]], latents, n_contexts: int):
-        """The digit log-probs [contexts, latents, 10] from every shard of `grid`, each checked to cover
-        its cell of the grid (nothing counted twice or missed) and to hold no NaN."""
+    def read_predictions(self, grid: list[tuple[int, int, int, int]], latents, n_contexts: int, rows=slice(None),
+                         reduce=None):
+        """The digit log-probs [rows, latents, 10] at the context `rows` (a slice or an index array;
+        default all) or, with `reduce` (a shard's log-probs [c, l, 10] -> [c, l]), what it makes of
+        them, [rows, latents] float32: applied shard by shard, so [contexts, latents, 10] (42 GB at
+        the paper's widths) never exists. Only the shards that cover `rows` are read, each checked
+        to cover its cell of the grid (nothing counted twice or missed) and to hold no NaN; every
+        shard must exist (a missing one is an unfinished simulation, whatever rows are asked for)."""
         import numpy as np
 
         from nlrw_jax.interpret import prompts as P
@@ -240,8 +245,14 @@ class RunFolder:
         if missing:
             raise UserError(f"{self.dir('simulate') / 'shards'}: {len(missing)} of {len(grid)} shards missing "
                             f"(first: {missing[0]}); run `nlrw simulate` (or the remaining --shard workers) first")
-        logprobs = np.empty((n_contexts, len(latents), len(P.DIGITS)), np.float32)
+        rows = np.arange(n_contexts)[rows]
+        order = np.argsort(rows, kind="stable")  # a shard's rows: one searchsorted, not a scan per shard
+        by_row = rows[order]
+        out = np.empty((len(rows), len(latents)) + (() if reduce else (len(P.DIGITS),)), np.float32)
         for k, (c0, c1, l0, l1) in enumerate(grid):
+            mine = order[np.searchsorted(by_row, c0):np.searchsorted(by_row, c1)]
+            if not len(mine):
+                continue
             path = self.shard(k)
             shard = read_npz(path, "delete it and rerun `nlrw simulate`", ("logprobs", "contexts", "latents"))
             lp, crange, lat = shard["logprobs"], shard["contexts"], shard["latents"]
@@ -250,8 +261,9 @@ class RunFolder:
                 raise UserError(f"{path}: covers other contexts/latents than shard {k} of this grid; delete it "
                                 f"and rerun")
             check_finite_or_inf(lp, lat, str(path))
-            logprobs[c0:c1, l0:l1] = lp
-        return logprobs
+            lp = lp[rows[mine] - c0]
+            out[mine, l0:l1] = reduce(lp) if reduce else lp
+        return out
 
     # --------------------------------------------------------------------------- identity
     def identity(self, stage: str) -> dict | None:

@@ -442,11 +442,14 @@ SIMULATED = (*EXPLAINED, "scores", "simulate")
 CALIBRATED = (*SIMULATED, "calibrate")
 
 
-def test_prediction_shard_truncated(capsys, run, tmp_path, server):
-    dst, args = copy_run(run, tmp_path, keep=SIMULATED)
-    shard = dst / "simulate" / "shards" / "00001.npz"
+@pytest.mark.parametrize("stage,name", [("calibrate", "00005.npz"), ("evaluate", "00001.npz")])
+def test_prediction_shard_truncated(capsys, run, tmp_path, server, stage, name):
+    """A stage reads the shards of its contexts: calibrate the calibration ones (6-13; shard 5 is
+    contexts 8-11), evaluate the evaluation ones (0-5; shard 1 is contexts 0-3)."""
+    dst, args = copy_run(run, tmp_path, keep=SIMULATED if stage == "calibrate" else CALIBRATED)
+    shard = dst / "simulate" / "shards" / name
     shard.write_bytes(shard.read_bytes()[:300])
-    fails(capsys, "calibrate", *args, *llm_overrides(server.url), names=[shard])
+    fails(capsys, stage, *args, *llm_overrides(server.url), names=[shard])
 
 
 def test_prediction_shard_missing(capsys, run, tmp_path, server):

@@ -63,16 +63,22 @@ def simulated(tmp_path_factory):
 def test_sharded_simulation_equals_one_worker(simulated, tmp_path):
     cfg, overrides, logs = simulated
     assert "prediction/s" in logs  # a progress bar with a rate
-    preds = load_predictions(cfg)
+    preds = load_predictions(cfg, logprobs=True)
     n_ctx, n_lat = 14, 4
     assert preds["logprobs"].shape == (n_ctx, n_lat, 10) and len(list(Path(cfg.run_dir, "simulate", "shards")
                                                                        .glob("*.npz"))) == 4 * 2
     e = S.expected_digit(preds["logprobs"], "renormalised")
     assert ((0 <= e) & (e <= 9)).all() and np.isfinite(preds["logprobs"][:, preds["explained"]]).any()
+    # what the stages read: the expected ratings of some contexts, reduced shard by shard
+    want = S.expected_digit(preds["logprobs"], cfg.simulate.readout)
+    for rows, sl in (("evaluation", slice(0, 6)), ("calibration", slice(6, 14)), (np.array([9, 1, 5]), [9, 1, 5])):
+        got = load_predictions(cfg, rows)
+        np.testing.assert_array_equal(got["rows"], np.arange(n_ctx)[sl])
+        np.testing.assert_array_equal(got["expected"], want[sl])
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate"))
     nlrw("simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}")
-    again = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))
+    again = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]), logprobs=True)
     np.testing.assert_array_equal(again["logprobs"], preds["logprobs"])
     r = nlrw("simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}")  # all done: no LLM loaded
     assert "Loading weights" not in r.stderr
@@ -81,13 +87,14 @@ def test_sharded_simulation_equals_one_worker(simulated, tmp_path):
 @pytest.mark.slow
 def test_killed_simulation_resumes_to_identical_predictions(simulated, tmp_path):
     cfg, overrides, _ = simulated
-    reference = load_predictions(cfg)["logprobs"]
+    reference = load_predictions(cfg, logprobs=True)["logprobs"]
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("simulate"))
     cmd = [sys.executable, "-m", "nlrw_jax.cli", "simulate", "configs/tiny.yaml", *overrides, f"run_dir={copy}"]
     kill_when_then_rerun(cmd, marker=copy / "simulate" / "shards" / "00000.npz",
                          finished=copy / "simulate" / "shards" / "00007.npz", env=ONE_DEVICE)
-    got = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]))["logprobs"]
+    got = load_predictions(load_config("configs/tiny.yaml", [*overrides, f"run_dir={copy}"]), logprobs=True)
+    got = got["logprobs"]
     np.testing.assert_array_equal(got, reference)
 
 
@@ -110,7 +117,7 @@ def all_at_once(simulated, tmp_path_factory):
 
 def test_all_at_once_contexts_shards_and_calibration(all_at_once, tmp_path):
     cfg, args = all_at_once
-    preds = load_predictions(cfg)
+    preds = load_predictions(cfg, logprobs=True)
     c = preds["contexts"]
     width, ctx = cfg.examples.window_tokens, cfg.data.ctx_len
     assert c["windows"].shape == (4, ctx) and int(c["n_eval"]) == 8
@@ -127,7 +134,7 @@ def test_all_at_once_contexts_shards_and_calibration(all_at_once, tmp_path):
     one = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, one, ignore=shutil.ignore_patterns("simulate"))
     nlrw("simulate", "configs/tiny.yaml", *args, f"run_dir={one}")
-    again = load_predictions(load_config("configs/tiny.yaml", [*args, f"run_dir={one}"]))
+    again = load_predictions(load_config("configs/tiny.yaml", [*args, f"run_dir={one}"]), logprobs=True)
     np.testing.assert_array_equal(again["logprobs"], preds["logprobs"])
     # calibration uses every read position of the calibration windows
     nlrw("calibrate", "configs/tiny.yaml", *args)
@@ -167,6 +174,10 @@ def evaluated(simulated):
 
 
 def test_evaluate_results(evaluated):
+    from nlrw_jax.rewrite import calibrate as C
+    from nlrw_jax.run_folder import RunFolder
+    from nlrw_jax.stages.common import load_examples
+
     cfg, _, res = evaluated
     names = [(c["name"], c.get("selection"), c.get("fraction")) for c in res["conditions"]]
     variants = ["raw", "normalised", "normalised:empirical:4", "normalised:empirical:8", "normalised:type8:4",
@@ -191,6 +202,17 @@ def test_evaluate_results(evaluated):
     values = np.load(Path(cfg.run_dir, "evaluate", "values.npz"))
     assert values["ce"].shape == values["kl"].shape == (len(names), 6) and values["normalised"].shape == (6, 4)
     assert (values["normalised"] >= 0).all()
+    # small: every variant saved, each the raw values of the evaluation contexts through its map
+    assert res["values_saved"] == variants
+    preds = load_predictions(cfg, "evaluation")
+    raw = C.raw_values(preds["expected"], preds["explained"], load_examples(cfg).data["max_act"][preds["latents"]])
+    np.testing.assert_array_equal(values["raw"], raw)
+    np.testing.assert_array_equal(values["true"], S.true_values(preds["contexts"], preds["latents"])[:6])
+    for v in variants[1:]:
+        est, size = (cfg.calibrate.estimator, 8) if v == "normalised" else v.split(":")[1:]
+        want = C.normalised_values(RunFolder(cfg.run_dir).quantile_map(est, int(size)), raw, preds["latents"],
+                                   preds["explained"])
+        np.testing.assert_array_equal(values[v.replace(":", "_")], want, err_msg=v)
     # the sweep: every variant, the pooled-fallback count only for the maps fit on pairs
     sweep = {s["variant"]: s for s in res["calibration_sweep"]}
     assert list(sweep) == variants
@@ -226,7 +248,7 @@ def test_calibration_maps_are_monotone_and_fit_on_calibration_contexts(evaluated
     m = Q.load_quantile_map(RunFolder(cfg.run_dir).quantile_map("type8", 8))
     assert m["pred_knots"].shape == (4, len(Q.quantile_levels())) and m["meta"]["contexts"] == 8
     preds = load_predictions(cfg)
-    raw = C.raw_values(preds, load_examples(cfg).data["max_act"], cfg.simulate.readout)
+    raw = C.raw_values(preds["expected"], preds["explained"], load_examples(cfg).data["max_act"][preds["latents"]])
     np.testing.assert_allclose(m["pred_knots"][:, -1], raw[6:].max(0), rtol=1e-6)  # only calibration contexts
     # the isotonic map: fit on the calibration contexts' (prediction, true activation) pairs
     from sklearn.isotonic import IsotonicRegression
@@ -249,16 +271,19 @@ def test_bad_predictions_and_maps_are_refused(evaluated, tmp_path):
     copy = tmp_path / "tiny"
     shutil.copytree(cfg.run_dir, copy)
     args = [*overrides, f"run_dir={copy}"]
-    # NaN predictions: refused, naming the latent
-    shard = copy / "simulate" / "shards" / "00000.npz"
-    z = dict(np.load(shard))
-    z["logprobs"][0, 1, 3] = np.nan
-    np.savez(shard, **z)
-    r = nlrw("calibrate", "configs/tiny.yaml", *args, "calibrate.sizes=[3]", check=False)
-    assert r.returncode == 2 and f"latent {int(z['latents'][1])}" in r.stderr and "NaN" in r.stderr
+    # NaN predictions in a shard a stage reads: refused, naming the latent (calibrate reads the
+    # calibration contexts, 6-13: shard 4 is contexts 8-11; evaluate the evaluation ones: shard 0)
+    for stage, name in (("calibrate", "00004.npz"), ("evaluate", "00000.npz")):
+        shard = copy / "simulate" / "shards" / name
+        z = dict(np.load(shard))
+        z["logprobs"][0, 1, 3] = np.nan
+        np.savez(shard, **z)
+        r = nlrw(stage, "configs/tiny.yaml", *args, *(["calibrate.sizes=[3]"] if stage == "calibrate" else []),
+                 check=False)
+        assert r.returncode == 2 and f"latent {int(z['latents'][1])}" in r.stderr and "NaN" in r.stderr, r.stderr
+        shutil.copy(Path(cfg.run_dir) / "simulate" / "shards" / name, shard)
     # a quantile grid that is not monotone: refused, naming the file and the latent (a finished
     # evaluate would skip, so its folder goes)
-    shutil.copy(Path(cfg.run_dir) / "simulate" / "shards" / "00000.npz", shard)
     shutil.rmtree(copy / "evaluate")
     path = RunFolder(copy).quantile_map("type8", 8)
     z = dict(np.load(path))
@@ -289,7 +314,7 @@ def test_latent_without_explanation_is_simulated_as_zero(evaluated, tmp_path):
     assert res["unexplained_simulated_as_zero"] == 1 and res["latents_explained"] == 3
     values = np.load(copy / "evaluate" / "values.npz")
     assert (values["raw"][:, 0] == 0).all() and (values["normalised"][:, 0] == 0).all()
-    preds = load_predictions(load_config("configs/tiny.yaml", args))
+    preds = load_predictions(load_config("configs/tiny.yaml", args), logprobs=True)
     assert np.isneginf(preds["logprobs"][:, 0]).all()  # never sent to the LLM
 
 

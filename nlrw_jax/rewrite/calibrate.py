@@ -33,10 +33,15 @@ PAIRED = ("isotonic", "abstain")
 CALIBRATIONS = (*Q.METHODS, *PAIRED)
 
 
-def raw_values(preds: dict, max_act: np.ndarray, readout: str) -> np.ndarray:
-    """[N, L] raw simulated activations (0 for a latent without an explanation); `max_act` per latent of all."""
-    e = S.expected_digit(preds["logprobs"], readout)
-    return np.where(preds["explained"], S.raw_activation(e, max_act[preds["latents"]]), 0.0).astype(np.float32)
+def raw_values(expected: np.ndarray, explained: np.ndarray, max_act: np.ndarray) -> np.ndarray:
+    """[R, L] raw simulated activations from the expected ratings [R, L] (S.expected_digit), 0 for
+    a latent without an explanation; max_act [L] of these latents. Made in place of `expected`
+    (float32), block by block: at the paper's widths it is the largest array a stage holds."""
+    raw = np.asarray(expected, np.float32)
+    step = max(1, (1 << 24) // max(1, raw.shape[1]))
+    for lo in range(0, len(raw), step):
+        raw[lo:lo + step] = np.where(explained, S.raw_activation(raw[lo:lo + step], max_act), 0.0)
+    return raw
 
 
 def true_nonzero(params, meta: dict, rows, latents: np.ndarray, limit: int = 0,
@@ -63,13 +68,28 @@ def true_nonzero(params, meta: dict, rows, latents: np.ndarray, limit: int = 0,
     return [found_val[order][bounds[j]:bounds[j + 1]] for j in range(len(latents))], seen
 
 
-def normalised_values(path: Path, raw: np.ndarray, latents: np.ndarray, explained: np.ndarray) -> np.ndarray:
-    """raw [N, L] through the quantile map at `path` (jitted interpolation); latents without an explanation stay 0."""
+def load_map(path: Path, latents: np.ndarray) -> dict:
+    """The calibration map at `path` (quantile.load_quantile_map), checked to be for `latents`."""
     m = Q.load_quantile_map(path)
     if not np.array_equal(m["latents"], latents):
         raise UserError(f"{path}: a quantile map for other latents than the predictions'; rerun `nlrw calibrate`")
-    mapped = np.asarray(Q.apply_quantile_map(m["pred_knots"], m["true_knots"], raw))
-    return np.where(explained, mapped, 0.0).astype(np.float32)
+    return m
+
+
+def apply_map(m: dict, raw: np.ndarray, explained: np.ndarray) -> np.ndarray:
+    """raw [R, L] (any rows) through the map `m` (jitted interpolation); latents without an
+    explanation stay 0. In blocks of rows: the interpolation's temporaries are ~6x its input."""
+    out = np.empty(raw.shape, np.float32)
+    step = max(1, (1 << 22) // max(1, raw.shape[1]))
+    for lo in range(0, len(raw), step):
+        mapped = np.asarray(Q.apply_quantile_map(m["pred_knots"], m["true_knots"], raw[lo:lo + step]))
+        out[lo:lo + step] = np.where(explained, mapped, 0.0)
+    return out
+
+
+def normalised_values(path: Path, raw: np.ndarray, latents: np.ndarray, explained: np.ndarray) -> np.ndarray:
+    """raw [R, L] through the map at `path`; latents without an explanation stay 0."""
+    return apply_map(load_map(path, latents), raw, explained)
 
 
 def map_meta(path: Path) -> dict:

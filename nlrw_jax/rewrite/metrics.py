@@ -125,13 +125,26 @@ def equivalent_fraction(ce: float, curve: list[dict]) -> tuple[float, str]:
 def active_rates(pred: np.ndarray, true: np.ndarray, threshold: np.ndarray) -> dict:
     """Per latent: specificity (inactive contexts predicted inactive) and sensitivity (active ones
     predicted active); a prediction is active above half a rating step (max activation / 18)."""
+    return rates_from_counts(active_counts(pred, true, threshold))
+
+
+def active_counts(pred: np.ndarray, true: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """What active_rates counts, [4, L] int64 per latent: inactive contexts predicted inactive,
+    inactive contexts, active contexts predicted active, active contexts. Counts of blocks of rows
+    add up to those of all rows, so the rates of [contexts, latents] can be streamed."""
     p, t = pred > threshold, true > 0
+    return np.stack([(~p & ~t).sum(0), (~t).sum(0), (p & t).sum(0), t.sum(0)]).astype(np.int64)
+
+
+def rates_from_counts(counts: np.ndarray) -> dict:
+    """active_rates from the (summed) active_counts."""
+    tn, neg, tp, pos = counts
     with np.errstate(invalid="ignore", divide="ignore"):
-        spec = (~p & ~t).sum(0) / (~t).sum(0)
-        sens = (p & t).sum(0) / t.sum(0)
+        spec = tn / neg
+        sens = tp / pos
     return {"specificity": spec, "sensitivity": sens,
-            "pooled_specificity": float((~p & ~t).sum() / max((~t).sum(), 1)),
-            "pooled_sensitivity": float((p & t).sum() / t.sum()) if t.sum() else float("nan")}
+            "pooled_specificity": float(tn.sum() / max(neg.sum(), 1)),
+            "pooled_sensitivity": float(tp.sum() / pos.sum()) if pos.sum() else float("nan")}
 
 
 def finite_or_none(x) -> float | None:

@@ -31,10 +31,17 @@ READOUTS = ("renormalised", "reference")
 # ------------------------------------------------------------------------------------ contexts
 
 
-def true_values(contexts: dict, latents: np.ndarray) -> np.ndarray:
-    """[N, L] true activations of `latents` at each context's position (0 outside the top k)."""
-    hit = contexts["top_idx"][:, :, None] == np.asarray(latents)[None, None, :]
-    return np.where(hit, contexts["top_acts"][:, :, None], 0.0).max(axis=1).astype(np.float32)
+def true_values(contexts: dict, latents: np.ndarray, rows=slice(None)) -> np.ndarray:
+    """[R, L] true activations of `latents` at the context `rows` (a slice or index array; default
+    all), 0 outside the top k. Made in blocks of rows: the [rows, k, L] comparison of all contexts
+    at once would be tens of GB at the paper's widths."""
+    idx, acts, latents = contexts["top_idx"][rows], contexts["top_acts"][rows], np.asarray(latents)
+    out = np.zeros((len(idx), len(latents)), np.float32)
+    step = max(1, (1 << 24) // max(1, idx.shape[1] * len(latents)))
+    for lo in range(0, len(idx), step):
+        hit = idx[lo:lo + step, :, None] == latents[None, None, :]
+        out[lo:lo + step] = np.where(hit, acts[lo:lo + step, :, None], 0.0).max(axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------- shards

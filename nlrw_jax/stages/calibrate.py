@@ -33,7 +33,7 @@ def calibrate_identity(cfg: Config) -> dict:
 
 
 def run(cfg: Config, progress: bool = True) -> Path:
-    preds = load_predictions(cfg)
+    preds = load_predictions(cfg, rows="calibration")  # expected ratings of the calibration contexts only
     run = run_folder(cfg)
     with run.claim("calibrate", calibrate_identity(cfg)) as out:
         sizes = calibration_sizes(cfg)
@@ -41,9 +41,9 @@ def run(cfg: Config, progress: bool = True) -> Path:
         if not todo:
             return out
         ex = load_examples(cfg)
-        latents, n_eval = preds["latents"], int(preds["contexts"]["n_eval"])
+        latents = preds["latents"]
         max_act = ex.data["max_act"]
-        calib = raw_values(preds, max_act, cfg.simulate.readout)[n_eval:]
+        calib = raw_values(preds.pop("expected"), preds["explained"], max_act[latents])
         (out / "maps").mkdir(exist_ok=True)
         quantile = sorted({e for e, _ in todo if e in Q.METHODS})
         stream = bool(quantile) or not run.true_frequency.exists()
@@ -52,7 +52,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
                                              progress)
             levels = Q.quantile_levels()
             true_q = {e: np.stack([Q.true_quantiles(v, n_tokens, levels, e) for v in nonzero]) for e in quantile}
-        true = true_values(preds["contexts"], latents)[n_eval:]  # paired with calib, context by context
+        true = true_values(preds["contexts"], latents, preds["rows"])  # paired with calib, context by context
         for estimator, size in todo:
             path = run.quantile_map(estimator, size)
             if estimator in Q.METHODS:

@@ -20,6 +20,10 @@ patched) with bootstrap 95% CIs (resampling windows, the same resample for every
 the CE difference to clean is paired), each condition's equivalent training fraction on the
 curve of the model's intermediate checkpoints (CE at the same contexts), and per latent the
 specificity / sensitivity of the raw and normalised predictions (nlrw_jax.rewrite.metrics).
+values.npz holds the true and predicted values [contexts, simulated latents] of every variant
+while they are small, else (the paper's widths) of "raw" and "normalised" only: results.json
+"values_saved" names them (":" written "_" in the file). Nothing [contexts, latents] is held but
+the raw values: each variant is made for a batch's contexts only.
 """
 
 from __future__ import annotations
@@ -36,15 +40,18 @@ from tqdm import tqdm
 from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.io import save_npz, write_json, write_text
-from nlrw_jax.rewrite.calibrate import CALIBRATIONS, map_meta, normalised_values, raw_values
-from nlrw_jax.rewrite.metrics import active_rates, baseline_means, bootstrap, checkpoint_curve, ci, \
-    equivalent_fraction, finite_or_none, selection_masks
+from nlrw_jax.rewrite.calibrate import CALIBRATIONS, apply_map, load_map, map_meta, raw_values
+from nlrw_jax.rewrite.metrics import active_counts, baseline_means, bootstrap, checkpoint_curve, ci, \
+    equivalent_fraction, finite_or_none, rates_from_counts, selection_masks
 from nlrw_jax.rewrite.patched import FIXED_CONDITIONS, check_positions, check_shapes, make_patched_eval
 from nlrw_jax.rewrite.simulate import true_values
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.calibrate import calibrate_identity, calibration_sizes
 from nlrw_jax.stages.common import load_examples, model_folder, model_identity, run_folder, training_curve
 from nlrw_jax.stages.simulate import load_predictions
+
+
+SAVE_ALL_VARIANTS = 1 << 27  # values.npz holds every variant up to this many values (512 MB), else two
 
 
 def window_slots(window: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,7 +77,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
 
     e = cfg.evaluate
     run = run_folder(cfg)
-    preds = load_predictions(cfg)
+    preds = load_predictions(cfg, rows="evaluation")
     run.check("calibrate", calibrate_identity(cfg))
     ex = load_examples(cfg)
     ranking = run.read_ranking()
@@ -89,15 +96,28 @@ def run(cfg: Config, progress: bool = True) -> Path:
         latents, explained, contexts = preds["latents"], preds["explained"], preds["contexts"]
         n_eval = int(contexts["n_eval"])
         window, positions = contexts["window"][:n_eval], contexts["positions"][:n_eval]
-        raw = raw_values(preds, ex.data["max_act"], cfg.simulate.readout)[:n_eval]
+        # The one [evaluation contexts, simulated latents] array held whole (4 GB at the paper's 32K
+        # x 32K): the raw values. The windows are batched by their last position, not in shard
+        # order, so each batch needs contexts from everywhere; the calibrated variants are made from
+        # it for a batch's contexts only (`values`), never for all contexts at once.
+        raw = raw_values(preds.pop("expected"), explained, ex.data["max_act"][latents])
         sizes = calibration_sizes(cfg)
-        variants = {"raw": raw}  # each [contexts, simulated latents]; dense [.., n] only per batch
         main = (cfg.calibrate.estimator, sizes[-1])
-        fallback = {}  # variant -> latents on the pooled map (paired calibrations only)
+        maps, fallback = {}, {}  # fallback: variant -> latents on the pooled map (paired calibrations only)
         for est, size in [main] + [(x, n) for x in CALIBRATIONS for n in sizes if (x, n) != main]:
             name = "normalised" if (est, size) == main else f"normalised:{est}:{size}"
-            variants[name] = normalised_values(run.quantile_map(est, size), raw, latents, explained)
+            maps[name] = load_map(run.quantile_map(est, size), latents)
             fallback[name] = map_meta(run.quantile_map(est, size)).get("pooled_fallback")
+        variants = ["raw", *maps]
+
+        def values(rows, names=variants) -> np.ndarray:
+            """[variants, rows, simulated latents] at the evaluation contexts `rows`."""
+            r = raw[rows]
+            out = np.empty((len(names), *r.shape), np.float32)
+            for i, v in enumerate(names):
+                out[i] = r if v == "raw" else apply_map(maps[v], r, explained)
+            return out
+
         num_latents = ex.num_latents
         masks, mask_meta = selection_masks(ranking, latents, num_latents, e.fractions, e.seed)
         check_shapes(np.zeros((len(variants), 1, num_latents)), masks, num_latents)
@@ -119,28 +139,36 @@ def run(cfg: Config, progress: bool = True) -> Path:
         used, slots, pos = window_slots(window, positions)
         all_windows = contexts["windows"]
         check_positions(pos, all_windows.shape[1], real=slots >= 0)  # before any compile
-        stacked = np.stack(list(variants.values()))  # [V, N, L]
-        results = {}
-        for mode in e.modes:
-            fn = make_patched_eval(model, cfg.model.layer, ex.meta["kind"], ex.meta["k"], mode)
-            ce = np.full((len(FIXED_CONDITIONS) + len(variants) * len(masks), n_eval), np.nan, np.float32)
-            kl = np.full_like(ce, np.nan)
-            for lo in tqdm(range(0, len(used), bs), desc=f"evaluate ({mode}, patched forward)", unit="batch",
-                           disable=not progress):
-                sl = slots[lo:lo + bs]
-                pad = bs - len(sl)  # one compiled shape per run length
-                sl = np.pad(sl, ((0, pad), (0, 0)), constant_values=-1)
-                w = all_windows[np.pad(used[lo:lo + bs], (0, pad), mode="edge")]
-                p = np.pad(pos[lo:lo + bs], ((0, pad), (0, 0)), constant_values=0)
-                real = sl >= 0
-                p = np.where(real, p, 0)
-                v = np.zeros((len(variants), bs, sl.shape[1], num_latents), np.float32)
-                v[..., latents] = stacked[:, np.maximum(sl, 0)]
-                got_ce, got_kl = fn(lm_params, coder, jax.device_put(w, data), jax.device_put(p, data),
-                                    jax.device_put(real, data), jax.device_put(v, along_data), masks_d, means_d)
+        fns = {mode: make_patched_eval(model, cfg.model.layer, ex.meta["kind"], ex.meta["k"], mode) for mode in e.modes}
+        n_cond = len(FIXED_CONDITIONS) + len(variants) * len(masks)
+        results = {mode: (np.full((n_cond, n_eval), np.nan, np.float32), np.full((n_cond, n_eval), np.nan, np.float32))
+                   for mode in e.modes}
+        threshold = ex.data["max_act"][latents] / 18.0
+        counts = np.zeros((len(variants), 4, len(latents)), np.int64)  # per variant, summed over the batches
+        for lo in tqdm(range(0, len(used), bs), desc=f"evaluate ({', '.join(e.modes)}, patched forward)",
+                       unit="batch", disable=not progress):
+            sl = slots[lo:lo + bs]
+            pad = bs - len(sl)  # one compiled shape per run length
+            sl = np.pad(sl, ((0, pad), (0, 0)), constant_values=-1)
+            w = all_windows[np.pad(used[lo:lo + bs], (0, pad), mode="edge")]
+            p = np.pad(pos[lo:lo + bs], ((0, pad), (0, 0)), constant_values=0)
+            real = sl >= 0
+            p = np.where(real, p, 0)
+            vals = values(np.maximum(sl, 0).ravel())  # [V, bs x positions, L]; padding reads context 0
+            # Each evaluation context is real in exactly one batch: its specificity / sensitivity
+            # counts are added here (integers: the same as counted over all contexts at once).
+            true = true_values(contexts, latents, sl[real])
+            counts += np.stack([active_counts(x[real.ravel()], true, threshold) for x in vals])
+            v = np.zeros((len(variants), bs, sl.shape[1], num_latents), np.float32)
+            v[..., latents] = vals.reshape(len(variants), *sl.shape, -1)
+            del vals
+            batch = (jax.device_put(w, data), jax.device_put(p, data), jax.device_put(real, data),
+                     jax.device_put(v, along_data))
+            for mode, fn in fns.items():  # the modes share the batch's inputs
+                got_ce, got_kl = fn(lm_params, coder, *batch, masks_d, means_d)
+                ce, kl = results[mode]
                 ce[:, sl[real]] = np.asarray(got_ce)[:, real]
                 kl[:, sl[real]] = np.asarray(got_kl)[:, real]
-            results[mode] = (ce, kl)
 
         names = [{"name": n} for n in FIXED_CONDITIONS] + [{"name": v, **m} for v in variants for m in mask_meta]
         ce, kl = results[e.modes[0]]
@@ -148,11 +176,9 @@ def run(cfg: Config, progress: bool = True) -> Path:
                                  window, positions, float(ce[0].mean()), e.batch_size)
         conditions = {mode: summarise(names, *results[mode], window, curve, e) for mode in e.modes}
         main_conditions = conditions[e.modes[0]]
-        true = true_values(contexts, latents)[:n_eval]
-        threshold = ex.data["max_act"][latents] / 18.0
-        rates = {v: active_rates(arr, true, threshold) for v, arr in variants.items()}
+        rates = {v: rates_from_counts(c) for v, c in zip(variants, counts)}
         scores = _detection_scores(run.score_table)
-        per_latent = [{"latent": int(lat), "explained": bool(explained[j]), "true_active": int((true[:, j] > 0).sum()),
+        per_latent = [{"latent": int(lat), "explained": bool(explained[j]), "true_active": int(counts[0, 3, j]),
                        **scores.get(int(lat), {}),
                        **{f"{v}_{k}": finite_or_none(rates[v][k][j]) for v in ("raw", "normalised")
                           for k in ("specificity", "sensitivity")}}
@@ -164,8 +190,18 @@ def run(cfg: Config, progress: bool = True) -> Path:
                                           "top" and c["fraction"] == top_all["fraction"]) for k in ("ce", "kl")}}
                  for v, r in rates.items()]
         extra = {f"{k}_{mode}": results[mode][i] for mode in e.modes[1:] for i, k in enumerate(("ce", "kl"))}
-        save_npz(run.values, dict(latents=latents, true=true, ce=ce, kl=kl, window=window, positions=positions,
-                                  **extra, **{v.replace(":", "_"): a for v, a in variants.items()}))
+        # Every variant's values while they are small; at the paper's widths (4 GB each) only what the
+        # report reads. Written block by block: no [contexts, latents] array beyond `raw` is made.
+        saved = variants if n_eval * len(latents) * len(variants) <= SAVE_ALL_VARIANTS else ["raw", "normalised"]
+        shape, step = (n_eval, len(latents)), max(1, (1 << 24) // max(1, len(latents)))
+        blocks = [slice(lo, min(lo + step, n_eval)) for lo in range(0, n_eval, step)]
+
+        def in_blocks(f):  # (shape, dtype, f's row blocks), made one at a time as save_npz writes them
+            return shape, np.float32, (f(r) for r in blocks)
+
+        save_npz(run.values, dict(latents=latents, ce=ce, kl=kl, window=window, positions=positions, **extra), {
+            "true": in_blocks(lambda r: true_values(contexts, latents, r)),
+            **{v.replace(":", "_"): in_blocks(lambda r, v=v: values(r, [v])[0]) for v in saved}})
         write_text(run.results_table, conditions_csv(conditions))
         # results.json last: its presence says the stage is complete
         write_json(run.results, {
@@ -176,7 +212,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
             "latents_explained": int(explained.sum()), "unexplained_simulated_as_zero": int((~explained).sum()),
             "readout": cfg.simulate.readout, "estimator": cfg.calibrate.estimator, "fractions": e.fractions,
             "layer": cfg.model.layer, "kind": ex.meta["kind"], "baseline_tokens": means["tokens"],
-            "checkpoints": curve, "conditions": main_conditions,
+            "checkpoints": curve, "conditions": main_conditions, "values_saved": saved,
             "other_modes": {mode: conditions[mode] for mode in e.modes[1:]},
             "calibration_sweep": sweep, "latents": per_latent})
     return out

@@ -21,7 +21,8 @@ from nlrw_jax.config import Config, identity
 from nlrw_jax.errors import UserError
 from nlrw_jax.interpret import prompts as P
 from nlrw_jax.io import save_npz
-from nlrw_jax.rewrite.simulate import check_finite_or_inf, shard_grid, shard_prompts, window_prompts
+from nlrw_jax.rewrite.simulate import check_finite_or_inf, expected_digit, shard_grid, shard_prompts, \
+    window_prompts
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.common import LazyBackend, data_identity, llm_identity, load_coder, load_explanations, \
     model_folder, model_identity, run_folder, subject_tokenizer, token_caches
@@ -144,18 +145,30 @@ def run(cfg: Config, shard: int | None = None, num_shards: int = 1, progress: bo
     return out
 
 
-def load_predictions(cfg: Config) -> dict:
-    """All shards assembled: {latents [L], explained [L] bool, logprobs [N, L, 10], contexts}.
+def load_predictions(cfg: Config, rows=None, logprobs: bool = False) -> dict:
+    """The predictions at the context `rows`: "evaluation" (the first n_eval contexts),
+    "calibration" (the others), a slice or an index array of contexts; default all.
+
+    {latents [L], explained [L] bool, contexts, rows [R] (the contexts read), expected [R, L]
+    float32}: the expected rating under simulate.readout (rewrite.simulate.expected_digit), made
+    shard by shard, so that the log-probs of every context ([N, L, 10] float32, 42 GB at the
+    paper's 33K contexts x 32K latents) are never held. logprobs=True: "logprobs" [R, L, 10]
+    instead (tests and benchmarks of small runs).
 
     Refuses predictions made for another run (model, transcoder, explanations, data, LLM or simulate
-    config), a missing shard, and NaN log-probs (naming the latent)."""
+    config), a missing shard, and NaN log-probs (naming the latent) in a shard that is read."""
     run = run_folder(cfg)
     run.check("simulate", simulate_identity(cfg))
     explanations = load_explanations(cfg)
     latents = np.asarray(sorted(explanations), np.int32)
     contexts = run.read_contexts()
-    n = len(contexts["positions"])
+    n, n_eval = len(contexts["positions"]), int(contexts["n_eval"])
+    if isinstance(rows, str) or rows is None:
+        rows = {None: slice(0, n), "evaluation": slice(0, n_eval), "calibration": slice(n_eval, n)}[rows]
+    rows = np.arange(n)[rows]
     grid = grid_for(cfg, n, len(latents))
     explained = np.array([explanations[int(x)] is not None for x in latents])
-    return dict(latents=latents, explained=explained, logprobs=run.read_predictions(grid, latents, n),
-                contexts=contexts)
+    readout = cfg.simulate.readout
+    got = run.read_predictions(grid, latents, n, rows, None if logprobs else lambda lp: expected_digit(lp, readout))
+    return dict(latents=latents, explained=explained, contexts=contexts, rows=rows,
+                **{"logprobs" if logprobs else "expected": got})
