@@ -45,3 +45,14 @@ def test_progress_and_health_reach_tensorboard(tmp_path):
     assert s["simulate/llm_retries"] == {5: 0, 10: 4}
     assert s["simulate/llm_endpoints_up"][10] == 1
     assert s["simulate/predictions_per_s"][10] > 0 and s["simulate/eta_s"][10] == pytest.approx(0)
+
+
+def test_a_stage_that_fails_before_any_progress_writes_no_unknown_eta(tmp_path, capfd):
+    """A stage that stops at its first prompt (server down) closes the bar with nothing done: the
+    ETA is unknown and is left out, so stderr keeps only the stage's one error line."""
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path}"])
+    bar = live_progress(cfg, "score", Pool(), progress=False, every_s=0, total=10, unit="prompt")
+    bar.close()
+    s = _scalars(RunFolder(tmp_path).dir("score") / "tensorboard")
+    assert "score/eta_s" not in s and s["score/done"] == {0: 0}
+    assert capfd.readouterr().err == ""

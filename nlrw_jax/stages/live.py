@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from nlrw_jax.config import Config
@@ -50,11 +51,14 @@ def live_progress(cfg: Config, stage: str, backend=None, progress: bool = True, 
             total = self.total or 0
             scalars = {"done": self._done, "total": total, "fraction_done": self._done / total if total else 0.0,
                        f"{bar.get('unit', 'it')}s_per_s": rate,
-                       "eta_s": (total - self._done) / rate if rate > 0 and total else float("nan")}
+                       "eta_s": (total - self._done) / rate if rate > 0 and total else None}
             health = getattr(backend.backend if isinstance(backend, LazyBackend) else backend, "health", None)
             scalars.update({f"llm_{k}": v for k, v in (health() if health else {}).items()})
             for k, v in scalars.items():
-                self._tb.add_scalar(f"{stage}/{k}", v, self._done)
+                # No point for an unknown value: a NaN would make tensorboardX print a warning
+                # into the stage's one-line error output.
+                if v is not None and math.isfinite(v):
+                    self._tb.add_scalar(f"{stage}/{k}", v, self._done)
 
         def close(self):
             if getattr(self, "_tb", None) is not None:
