@@ -54,6 +54,20 @@ def test_export_then_import_gives_identical_examples(trained, tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The imported run's store carries the MLP output too: evaluate's mean-ablation baseline and the
+    # coder's FVU read it (a store of mlp_in alone stopped an imported run at evaluate).
+    from nlrw_jax.data.store import open_store
+    from nlrw_jax.interpret.examples import StoreRows
+    from nlrw_jax.rewrite.metrics import baseline_means
+
+    store = open_store(imported.activations)
+    assert store.points == ["mlp_in", "mlp_out"]
+    params, meta = load_sparsify(published)
+    means = baseline_means(params, meta, StoreRows(store, "mlp_in", "imported"), progress=False)
+    trained_store = open_store(RunFolder(cfg.run_dir).activations)
+    n = trained_store.num_tokens
+    np.testing.assert_allclose(means["out"], np.asarray(trained_store.read("mlp_out", 0, n), np.float64).mean(0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _saelens_folder(path, params, *, k, apply_b_dec_to_input=True, rescale=False, hook="blocks.5.hook_resid_post",

@@ -1,6 +1,7 @@
 """`nlrw capture`: `capture.windows` windows of the seeded training order through the subject model
 to `model.layer`, its activations (the transcoder's mlp_in/mlp_out, or the SAE's resid_post) into
-the activation store (with sparse.from, only the coder's input: nothing is trained). Every host of a
+the activation store (with sparse.from too: nothing is trained, but the evaluation's mean-ablation
+baseline and the coder's FVU read the MLP output). Every host of a
 multi-host run writes its own share (its own part of the folder)."""
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ def run(cfg: Config, progress: bool = True) -> str:
         from nlrw_jax.stages.common import imported_coder
 
         imported_coder(cfg)  # a coder that does not fit the model is refused before the capture
-        points = [points_for(cfg.sparse.kind)[0]]  # no training: the coder's input is all later stages read
     caches = token_caches(cfg)
     # One global batch of `capture.windows` windows: the same selection on every host.
     windows = token_data.window_dataset(caches[0], cfg.data.ctx_len, seed=cfg.data.seed,
@@ -31,7 +31,7 @@ def run(cfg: Config, progress: bool = True) -> str:
               "windows": cfg.capture.windows}
     run = run_folder(cfg)
     ident = {**model_identity(cfg), **data_identity(cfg, caches), "capture": identity(cfg.capture),
-             "points": list(points_for(cfg.sparse.kind)) if cfg.sparse.from_ is None else points}
+             "points": list(points_for(cfg.sparse.kind))}
     with run.claim("capture", ident, part=f"host{jax.process_index():03d}"):
         if _complete(run.activations):
             distributed.barrier("capture")
