@@ -89,22 +89,100 @@ def read_json_object(path: Path, fix: str) -> dict:
     return obj
 
 
-def read_npz(path: Path, fix: str, needed=()) -> dict:
-    """Every array of an .npz a stage wrote; unreadable (truncated, not a zip) or lacking one of
-    `needed` is a one-line error naming the file and how to fix it."""
+def _unreadable(path: Path, e: Exception, fix: str):
+    from nlrw_jax.errors import UserError
+
+    return UserError(f"{path}: unreadable ({type(e).__name__}); {fix}")
+
+
+def read_npz(path: Path, fix: str, needed=(), names=None) -> dict:
+    """Every array (or only those in `names`) of an .npz a stage wrote; unreadable (truncated, not a
+    zip) or lacking one of `needed` is a one-line error naming the file and how to fix it."""
     import numpy as np
 
     from nlrw_jax.errors import UserError
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with np.load(path, allow_pickle=False) as z:  # lazy per member: only `names` are read
+            arrays = {k: z[k] for k in z.files if names is None or k in names}
     except Exception as e:  # noqa: BLE001 - any damage to the file is the user's to fix
-        raise UserError(f"{path}: unreadable ({type(e).__name__}); {fix}") from None
+        raise _unreadable(path, e, fix) from None
     missing = sorted(set(needed) - set(arrays))
     if missing:
         raise UserError(f"{path}: missing array(s) {', '.join(missing)}; {fix}")
     return arrays
+
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy at f's position, leaving f at the first data byte."""
+    import numpy as np
+
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):  # 3.0 is only for utf-8 field names, which no stage writes
+        raise ValueError(f"npy format version {version}")
+    shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickle")
+    return shape, fortran, dtype
+
+
+def npz_members(path: Path, fix: str) -> dict:
+    """name -> (shape, dtype) of every array of an .npz, from the members' headers only (cheap
+    even when the arrays are GBs); damage is read_npz's one-line error."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            out = {}
+            for member in z.namelist():
+                if member.endswith(".npy"):
+                    with z.open(member) as f:
+                        shape, _, dtype = _npy_header(f)
+                    out[member[:-4]] = (shape, dtype)
+            return out
+    except Exception as e:  # noqa: BLE001 - any damage to the file is the user's to fix
+        raise _unreadable(path, e, fix) from None
+
+
+def npz_row_blocks(path: Path, name: str, rows_per_block: int, fix: str):
+    """Yields one array of an .npz as consecutive blocks of at most rows_per_block rows, read from
+    the member as they are needed, so that only one block is in memory (stored or deflated members
+    alike; a 0-d array comes whole). A Fortran-order array (which save_npz's row blocks never are)
+    is read whole, its rows not being contiguous. Damage (truncated, bad CRC, missing member) is
+    read_npz's one-line error, raised when reached."""
+    import zipfile
+
+    import numpy as np
+
+    from nlrw_jax.errors import UserError
+
+    def read(f, n):
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError("member shorter than its header says")
+        return data
+
+    step = max(1, int(rows_per_block))
+    try:
+        with zipfile.ZipFile(path) as z:
+            if name + ".npy" not in z.namelist():
+                raise UserError(f"{path}: missing array(s) {name}; {fix}")
+            with z.open(name + ".npy") as f:
+                shape, fortran, dtype = _npy_header(f)
+                rows = shape[0] if shape else 1
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                if fortran:  # columns, not rows, are contiguous: read it whole
+                    whole = np.frombuffer(read(f, rows * row_bytes), dtype).reshape(shape[::-1]).T
+                    yield from (whole[lo:lo + step] for lo in range(0, rows, step))
+                    return
+                for lo in range(0, rows, step):
+                    k = min(step, rows - lo)
+                    yield np.frombuffer(read(f, k * row_bytes), dtype).reshape((k, *shape[1:]) if shape else ())
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any damage to the file is the user's to fix
+        raise _unreadable(path, e, fix) from None
 
 
 def restore_checkpoint(manager, step: int, args):

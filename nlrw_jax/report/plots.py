@@ -95,50 +95,82 @@ def plot_loss(run: RunResults, path: Path) -> None:
     _save_fig(fig, path)
 
 
-def plot_distributions(values: dict, res: dict, path: Path) -> str:
-    """Pooled histograms of the non-zero predicted vs true activations; returns a note for report.md."""
-    true = np.asarray(values["true"], float)
-    cols = np.ones(true.shape[1], bool)
-    lat = res.get("latents", [])
-    if len(lat) == true.shape[1]:
-        cols = np.array([bool(x.get("explained", True)) for x in lat])
-        if not cols.any():
-            cols[:] = True
-    series = {"true": true[:, cols]}
-    for v in VARIANTS:
-        if v in values:
-            series[v] = np.asarray(values[v], float)[:, cols]
-    nz = [a[np.isfinite(a) & (a != 0)] for a in series.values()]
-    hi = max((float(x.max()) for x in nz if len(x)), default=1.0)
-    lo = min((float(x.min()) for x in nz if len(x)), default=0.0)
-    lo = min(lo, 0.0)
+# Values per streamed block of a [contexts, latents] array: ~4 MB read, ~25 MB at most in float64
+# copies, however large the array (4 GB each at the paper's widths).
+BLOCK_VALUES = 1 << 20
+
+
+def distribution_counts(series: dict, cols: np.ndarray | None = None):
+    """Histogram of each series' non-zero finite values (of the columns `cols`, default every one)
+    and its exact zeros in % of its finite values, in two passes over its row blocks: the value
+    range of every series first, then the counts in 60 shared bins from min(lo, 0) to hi.
+    series: name -> a function returning a fresh iterable of row blocks. Returns (bins, counts,
+    zero %); as float64 as the whole-array code was, so the counts are the same."""
+    def finite(block):
+        a = np.asarray(block if cols is None else block[:, cols], float)
+        return a[np.isfinite(a)]
+
+    lo = hi = None
+    n_finite, n_zero = dict.fromkeys(series, 0), dict.fromkeys(series, 0)
+    for name, blocks in series.items():
+        for block in blocks():
+            a = finite(block)
+            nz = a[a != 0]
+            n_finite[name] += a.size
+            n_zero[name] += a.size - nz.size
+            if nz.size:
+                lo = float(nz.min()) if lo is None else min(lo, float(nz.min()))
+                hi = float(nz.max()) if hi is None else max(hi, float(nz.max()))
+    lo = min(0.0 if lo is None else lo, 0.0)
+    hi = 1.0 if hi is None else hi
     bins = np.linspace(lo, hi if hi > lo else lo + 1, 61)
+    counts = {name: np.zeros(60, np.int64) for name in series}
+    for name, blocks in series.items():
+        for block in blocks():
+            a = finite(block)
+            counts[name] += np.histogram(a[a != 0], bins)[0]
+    zeros = {name: 100.0 * (n_zero[name] / n_finite[name]) if n_finite[name] else float("nan") for name in series}
+    return bins, counts, zeros
+
+
+def plot_distributions(values: Path, res: dict, path: Path, fix: str) -> str:
+    """Pooled histograms of the non-zero predicted vs true activations, streamed from values.npz a
+    block of rows at a time (never a whole [contexts, latents] array); returns a note for report.md.
+    fix: what to tell the user if values.npz is damaged."""
+    from nlrw_jax.io import npz_members, npz_row_blocks
+
+    members = npz_members(values, fix)
+    n_ctx, n_lat = members["true"][0]
+    cols = None
+    lat = res.get("latents", [])
+    if len(lat) == n_lat:
+        cols = np.array([bool(x.get("explained", True)) for x in lat])
+        if cols.all() or not cols.any():
+            cols = None
+    step = max(1, BLOCK_VALUES // max(1, n_lat))
+    names = ["true"] + [v for v in VARIANTS if v in members]
+    bins, counts, zeros = distribution_counts(
+        {n: (lambda n=n: npz_row_blocks(values, n, step, fix)) for n in names}, cols)
+    n_lat = n_lat if cols is None else int(cols.sum())
     fig = _new_figure(11, 4.2)
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
-
-    def zeros(a):
-        a = a[np.isfinite(a)]
-        return 100.0 * float((a == 0).mean()) if a.size else float("nan")
-
-    t = series["true"]
     for ax, v, col in zip(axes, VARIANTS, ("tab:red", "tab:blue")):
-        ax.hist(t[np.isfinite(t) & (t != 0)], bins=bins, color="black", alpha=0.35,
-                label=f"true (exact zeros {zeros(t):.1f}%)")
-        if v in series:
-            p = series[v]
-            ax.hist(p[np.isfinite(p) & (p != 0)], bins=bins, histtype="step", lw=1.6, color=col,
-                    label=f"{v} prediction (exact zeros {zeros(p):.1f}%)")
+        # each bin's left edge weighted by its count: the same bars as ax.hist of the values themselves
+        ax.hist(bins[:-1], bins, weights=counts["true"], color="black", alpha=0.35,
+                label=f"true (exact zeros {zeros['true']:.1f}%)")
+        if v in counts:
+            ax.hist(bins[:-1], bins, weights=counts[v], histtype="step", lw=1.6, color=col,
+                    label=f"{v} prediction (exact zeros {zeros[v]:.1f}%)")
         ax.set_yscale("log")
         ax.set_title(f"{v} vs true")
         ax.set_xlabel("activation (non-zero values)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("count (log scale)")
-    n_ctx, n_lat = t.shape
     fig.suptitle(f"Predicted vs true activations, pooled over {n_lat} explained latents x {n_ctx} evaluation contexts")
     _save_fig(fig, path)
     return (f"Pooled over {n_lat} explained latents and {n_ctx} evaluation contexts; exact zeros: true "
-            f"{zeros(t):.1f}%, " + ", ".join(f"{v} {zeros(series[v]):.1f}%" for v in VARIANTS if v in series) + ".")
+            f"{zeros['true']:.1f}%, " + ", ".join(f"{v} {zeros[v]:.1f}%" for v in VARIANTS if v in counts) + ".")
 
 
 def plot_spec_sens(res: dict, path: Path) -> str:

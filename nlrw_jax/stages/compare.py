@@ -17,12 +17,14 @@ from nlrw_jax.run_folder import RunFolder
 
 def _load(root: Path):
     from nlrw_jax.report.stats import RunResults
+    from nlrw_jax.stages.report import WHOLE_VALUES
 
     run = RunFolder(root)
     if not run.results.exists():
         raise UserError(f"{run.results} does not exist; finish that run (`nlrw run`) before comparing it")
     res = read_json_object(run.results, "rerun `nlrw evaluate` in that run")
-    values = read_npz(run.values, "rerun `nlrw evaluate` in that run") if run.values.exists() else None
+    values = read_npz(run.values, "rerun `nlrw evaluate` in that run", names=WHOLE_VALUES) if run.values.exists() \
+        else None
     scores = {}
     if run.score_table.exists():
         with open(run.score_table) as f:

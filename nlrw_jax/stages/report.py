@@ -3,6 +3,8 @@
 Reads evaluate/{results.json, values.npz} (values.npz is optional: without it there is no
 distribution plot and the orderings compare the conditions' own CIs instead of paired
 differences), plus, where present, the scores', the coder's and the subject model's summaries.
+Of values.npz only the small arrays are loaded whole; the [contexts, latents] ones (GBs each at the
+paper's widths) are streamed a block of rows at a time.
 
 The report is derived from the other stages' outputs: it is remade when they changed and skipped
 when they did not. The new report is made whole in a temporary folder first; only then are its
@@ -21,9 +23,18 @@ from tqdm import tqdm
 
 from nlrw_jax.config import Config
 from nlrw_jax.errors import UserError
-from nlrw_jax.io import read_json_object, read_npz, write_text
+from nlrw_jax.io import npz_members, read_json_object, read_npz, write_text
 from nlrw_jax.run_folder import file_digest
 from nlrw_jax.stages.common import run_folder
+
+
+VALUES_FIX = "rerun `nlrw evaluate` or delete it (the report is then made without the distribution plot)"
+# The arrays of values.npz the report holds whole: the per-condition x context CE and KL and the
+# contexts' windows and positions (RunResults reads them by name). Chosen by name, not by shape: in a
+# tiny run ce [conditions, contexts] can have the shape of a [contexts, latents] array. The latter
+# ("true" and every variant, GBs each at the paper's widths) stay on disk and are streamed by
+# plot_distributions.
+WHOLE_VALUES = ("ce", "kl", "window", "positions")
 
 
 def _check_results(res: dict, path: Path) -> None:
@@ -60,8 +71,7 @@ def run(cfg: Config, progress: bool = True) -> Path:
     _check_results(res, res_path)
     values = None
     if run.values.exists():
-        values = read_npz(run.values, "rerun `nlrw evaluate` or delete it (the report is then made without the "
-                                      "distribution plot)")
+        values = read_npz(run.values, VALUES_FIX, names=WHOLE_VALUES)
     inputs = [run.results, run.values, run.eval_json, run.train_summary, run.score_summary]
     ident = {"inputs": {str(p.relative_to(run.root)): file_digest(p) for p in inputs if p.exists()}}
     # The report is derived from the stages' outputs: it is made anew when they changed (replacing
@@ -99,8 +109,8 @@ def _write_report(cfg: Config, run, res: dict, values: dict | None, tmp: Path, p
     G.plot_loss(results, tmp / "loss_vs_fraction.png")
     made["loss_vs_fraction.png"] = True
     steps.update()
-    if values is not None and "true" in values:
-        made["distributions.png"] = G.plot_distributions(values, res, tmp / "distributions.png")
+    if values is not None and "true" in npz_members(run.values, VALUES_FIX):
+        made["distributions.png"] = G.plot_distributions(run.values, res, tmp / "distributions.png", VALUES_FIX)
     steps.update()
     made["specificity_sensitivity.png"] = G.plot_spec_sens(res, tmp / "specificity_sensitivity.png")
     steps.update()
