@@ -10,7 +10,10 @@ settings: the explainer and scorer on the local backend, the simulator on a real
 OpenAI-compatible server on 127.0.0.1 (from .venv-vllm; --no-server: local for both).
 
 Writes <out>/rehearsal.json: each stage's wall time and peak RSS (the stage process's own
-max RSS, from wait4), the counts used, and the machine; the run folder is <out>/run.
+max RSS, from wait4), the counts used, and the machine; the run folder is <out>/run. `--scale K`
+multiplies every count (windows, steps, latents, sentences) by K: two rehearsals at two scales
+give each stage's fixed and per-unit cost, from which scripts/cost_table.py computes the full
+run's cost (launch/README.md).
 
     .venv/bin/python scripts/rehearse.py --out runs/rehearsal
 """
@@ -37,25 +40,44 @@ PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_
                    use_parallel_residual=True, layer_norm_eps=1e-5)
 
 
-def reduced(run_dir: Path, model: Path, tiny: bool) -> list[str]:
-    """The paper config's counts cut to a CPU rehearsal; every width stays the paper's."""
+def reduced(run_dir: Path, model: Path, tiny: bool, scale: int = 1) -> list[str]:
+    """The paper config's counts cut to a CPU rehearsal, times `scale`; every width stays the paper's."""
     corpus = REPO / "nlrw_jax" / "assets" / "corpus"
+    k = scale
     return [f"run_dir={run_dir}", f"model.checkpoint={model}", "model.revision=", "model.curve=[]",
             "model.dtype=float32",  # fp16 matmuls are emulated (slow) on CPU; the shapes are what is rehearsed
             f"data.train=[{corpus / 'train.jsonl.xz'}]", f"data.validation=[{corpus / 'val.jsonl.xz'}]",
-            "eval.windows=8", "eval.batch_size=4",
-            f"capture.windows={16 if tiny else 64}", "capture.batch_size=4", "capture.chunk_windows=8",
-            "sparse.steps=3", "sparse.batch_tokens=2048", "sparse.warmup_steps=1", "sparse.eval_every=3",
-            "sparse.checkpoint_every=3", "sparse.eval_windows=4",
+            f"eval.windows={8 * k}", "eval.batch_size=4",
+            f"capture.windows={(16 if tiny else 64) * k}", "capture.batch_size=4", "capture.chunk_windows=8",
+            f"sparse.steps={3 * k}", "sparse.batch_tokens=2048", "sparse.warmup_steps=1", f"sparse.eval_every={3 * k}",
+            f"sparse.checkpoint_every={3 * k}", "sparse.eval_windows=4",
             "examples.per_decile=3", "examples.non_activating=4",
-            "explain.latents=2", "explain.examples_per_decile=1", "explain.max_tokens=24",
+            f"explain.latents={2 * k}", "explain.examples_per_decile=1", "explain.max_tokens=24",
             "score.activating_per_decile=1", "score.non_activating=2",
-            "simulate.sentences=4", "simulate.calibration=8", "simulate.contexts_per_shard=4",
-            "simulate.latents_per_shard=2", "calibrate.sizes=[4]", "calibrate.true_tokens=4096",
+            f"simulate.sentences={4 * k}", f"simulate.calibration={8 * k}", "simulate.contexts_per_shard=4",
+            "simulate.latents_per_shard=2", f"calibrate.sizes=[{4 * k}]", "calibrate.true_tokens=4096",
             "evaluate.batch_size=2", "evaluate.baseline_tokens=4096", "evaluate.bootstrap=100",
             "evaluate.modes=[each,whole_layer]",
             "llm.backend=local", "llm.model=smollm2", "llm.dtype=float32", "llm.batch_size=8",
             "explain.llm.model=smollm2", "score.llm.model=smollm2"]  # the 70B explainer's stand-in
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned interpreter. This process must stay small: a child's wait4 max RSS
+    starts from its parent's RSS at the fork, so a parent that had built the 160M model (2 GB)
+    floored every stage's peak RSS at 2 GB."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def smollm2_folder() -> Path:
+    sys.path.insert(0, str(REPO))
+    from nlrw_jax.llm.models import converted_smollm2
+
+    return converted_smollm2()
 
 
 def build_model(folder: Path) -> Path:
@@ -77,14 +99,11 @@ def free_port() -> int:
 
 def start_server(log: Path) -> tuple[subprocess.Popen, str]:
     """SmolLM2 behind vLLM's OpenAI-compatible server (.venv-vllm), as the simulator's pool."""
-    sys.path.insert(0, str(REPO))
-    from nlrw_jax.llm.models import converted_smollm2
-
     py = REPO / ".venv-vllm" / "bin" / "python"
     if not py.exists():
         sys.exit("rehearse: .venv-vllm is missing: run `bash scripts/setup_vllm.sh`, or pass --no-server")
     port = free_port()
-    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(converted_smollm2()),
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(in_fresh_process(smollm2_folder)),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",
            "--max-logprobs", "20", "--enable-prefix-caching", "--max-model-len", "4096", "--enforce-eager",
            "--seed", "0", "--block-size", "32"]
@@ -136,11 +155,14 @@ def main():
     p.add_argument("--out", default="runs/rehearsal", help="folder for the model, the run and rehearsal.json")
     p.add_argument("--no-server", action="store_true", help="the simulator on the local backend too (no vLLM)")
     p.add_argument("--tiny", action="store_true", help="fewer captured windows (CI)")
+    p.add_argument("--scale", type=int, default=1, help="every count times this (a second rehearsal for unit costs)")
     args = p.parse_args()
+    if args.scale < 1:
+        sys.exit(f"rehearse: --scale must be a positive integer, got {args.scale}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(out / "pythia-160m-random")
-    overrides = reduced(out / "run", model, args.tiny)
+    model = in_fresh_process(build_model, out / "pythia-160m-random")
+    overrides = reduced(out / "run", model, args.tiny, args.scale)
     log, stages, served = out / "rehearsal.log", {}, False
     if not args.no_server:
         # The simulator is a separate LLM setting: another backend (here the same weights). The
@@ -161,7 +183,7 @@ def main():
                 stop(server)
         print(f"{stage}: {stages[stage]['seconds']} s, peak RSS {stages[stage]['peak_rss_gb']} GB", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "config": CONFIG, "overrides": overrides, "model": PYTHIA_160M, "num_latents": 32768,
+              "config": CONFIG, "scale": args.scale, "overrides": overrides, "model": PYTHIA_160M, "num_latents": 32768,
               "simulator": "vLLM OpenAI server on 127.0.0.1" if served else "local",
               "stages": stages}
     (out / "rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -26,6 +26,9 @@ def test_rehearsal_at_the_papers_shapes(tmp_path):
     assert list(rec["stages"]) == ["eval", "capture", "train", "examples", "explain", "score", "simulate",
                                    "calibrate", "evaluate", "report"]
     assert all(s["seconds"] > 0 and s["peak_rss_gb"] > 0 for s in rec["stages"].values())
+    # Each stage's own peak: the report holds no model, so it stays far below the 2 GB that a
+    # parent which had built the model put under every stage's wait4 max RSS.
+    assert rec["stages"]["report"]["peak_rss_gb"] < 1.5, rec["stages"]
     assert rec["simulator"].startswith("vLLM OpenAI server")
     run = out / "run"
     res = json.loads((run / "evaluate" / "results.json").read_text())
