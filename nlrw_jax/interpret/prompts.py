@@ -149,8 +149,9 @@ def simulator_messages(explanation: str, pieces: list[str], order: str) -> list[
 # One prompt per (latent, window): the window's tokens one per line, each followed by a tab and a
 # rating slot (OpenAI's ALL_AT_ONCE layout). The worked example shows real ratings; the target lines
 # show PLACEHOLDER, so no line conditions on the model's own guesses, and the digit distribution is
-# read after every tab from one forward pass (prompt log-probs). vLLM V1 computes prompt log-probs
-# without reading its prefix cache, so every prompt pays for its whole prefix: it is kept short.
+# read after every tab from one forward pass (prompt log-probs). The head (system prompt, worked
+# example, explanation) is a prefix vLLM's cache serves (llm/vllm_engine.py reads it for prompt
+# log-probs too), but an OpenAI-compatible server computes every prompt whole: it is kept short.
 SIMULATOR_ALL_SYSTEM = """You are a meticulous linguistics researcher. You will be given an explanation of a feature of text, then a text, one token per line.
 After each token write a tab and an integer from 0 to 9: how much that token represents the feature. 0 means no relation, 9 a strong and exact match. Most tokens have no relation to the feature, so 0 is by far the most common rating."""
 

@@ -12,7 +12,9 @@ or an object
      "slots": [[slot index, ...], ...]}                  # per prompt: backend.slot_logprobs
 where everything but "prompts" is optional. OUT.json (written atomically):
     {"logprobs": [[float or null (= -inf), ...], ...],   # [n prompts, n candidates]
-     "slot_logprobs": [[[float or null, ...], ...], ...], # [n prompts][n slots][n candidates]
+     "slot_logprobs": [[[float or null, ...], ...], ...], # [n prompts][n slots][n candidates], first
+     "slot_logprobs_cached": [...],                      # the same again, the prompts now in the prefix cache
+     "slot_cache_stats": [{...}, {...}],                 # of the two: prompts recomputed, cached tokens
      "generations": [str, ...],                          # greedy, max_tokens each
      "rendered": [[ids...], ...],                        # backend.render of each "render" item
      "candidates": [...], "startup_s": s, "logprobs_s": s, "generate_s": s}
@@ -79,17 +81,22 @@ def run(args) -> dict:
     t1 = time.perf_counter()
     try:
         rendered = [backend.render(r["messages"], r.get("answer_prefix", "")) for r in req["render"]]
-        lp = backend.next_token_logprobs(req["prompts"], req["candidates"]) if req["prompts"] else []
+        # slot log-probs first on the fresh engine, then again once every prompt is in the prefix cache
         slot_lp = backend.slot_logprobs(req["prompts"], req["slots"], req["candidates"]) if req["slots"] else []
+        stats = [backend.slot_cache_stats] if req["slots"] else []
+        lp = backend.next_token_logprobs(req["prompts"], req["candidates"]) if req["prompts"] else []
         t2 = time.perf_counter()
         gens = backend.generate(req["prompts"], req["max_tokens"]) if req["prompts"] and req["max_tokens"] > 0 else []
         t3 = time.perf_counter()
+        slot_again = backend.slot_logprobs(req["prompts"], req["slots"], req["candidates"]) if req["slots"] else []
+        stats += [backend.slot_cache_stats] if req["slots"] else []
     finally:
         backend.close()
     def js(rows):
         return [[float(v) if math.isfinite(v) else None for v in row] for row in rows]
 
     return {"logprobs": js(lp), "slot_logprobs": [js(x) for x in slot_lp],
+            "slot_logprobs_cached": [js(x) for x in slot_again], "slot_cache_stats": stats,
             "generations": gens, "rendered": rendered, "candidates": req["candidates"],
             "model": args.model, "startup_s": t1 - t0, "logprobs_s": t2 - t1, "generate_s": t3 - t2}
 
