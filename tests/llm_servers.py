@@ -36,7 +36,8 @@ def require_vllm_venv():
         pytest.fail(f"{MODEL_DIR} (the model converted for vLLM) does not exist: {SETUP_HINT}", pytrace=False)
 
 
-def _env():
+def vllm_env():
+    """The environment for a .venv-vllm subprocess: none of this venv's or the JAX tests' settings."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VIRTUAL_ENV", "PYTHONPATH")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -79,7 +80,7 @@ def vllm_server(log_path: Path, timeout_s: float = 300.0):
     port = free_port()
     log = open(log_path, "wb")
     t0 = time.monotonic()
-    proc = subprocess.Popen(server_command(port), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(server_command(port), cwd=REPO, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -133,7 +134,7 @@ def run_engine_check(request: dict, tmp: Path, top_logprobs: int = 20, timeout_s
     cmd = [str(VLLM_PY), "-m", "nlrw_jax.llm.engine_check", "--model", "smollm2", "--prompts", str(inp),
            "--out", str(out), "--top-logprobs", str(top_logprobs)]
     with open(log, "wb") as f:
-        rc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        rc = subprocess.run(cmd, cwd=REPO, env=vllm_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
     if rc != 0 or not out.exists():
         raise RuntimeError(f"engine_check exited with status {rc}; log tail ({log}):\n{log_tail(log)}")
     return json.loads(out.read_text())

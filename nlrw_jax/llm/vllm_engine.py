@@ -44,11 +44,14 @@ class VLLMBackend(Backend):
                             f"{str(e).splitlines()[0] if str(e) else ''} (vLLM's log above says more)") from None
         super().__init__(cfg, self.llm.get_tokenizer(), progress)
 
-    def _run(self, prompts, params, bar):
+    def _generate(self, prompts, params, show_bar: bool):
         from vllm.inputs import TokensPrompt
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                 use_tqdm=self.progress and bar is None)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=self.progress and show_bar)
+
+    def _run(self, prompts, params, bar):
+        outs = self._generate(prompts, params, bar is None)
         if bar is not None:
             bar.update(len(prompts))
         return outs
@@ -102,12 +105,10 @@ class VLLMBackend(Backend):
         """One engine pass with the top-n prompt log-probs at every position (token ids only: no
         detokenizing ~n x prompt length ids per prompt)."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.cfg.top_logprobs,
                                 detokenize=False, skip_reading_prefix_cache=not read_cache)
-        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                 use_tqdm=self.progress and show_bar)
+        return self._generate(prompts, params, show_bar)
 
     def generate(self, prompts, max_tokens, bar=None):
         from vllm import SamplingParams
